@@ -1,0 +1,292 @@
+"""The GPT model: embedding, positions, causal self-attention, feed-forward, blocks.
+
+A pure `nn.Module`. `GPT(config)(idx)` maps token ids (B, T) to next-token logits
+(B, T, vocab_size); the loss belongs to the training code. Parameter names follow
+GPT-2's (`wte`, `wpe`, `h.N.ln_1`, `h.N.attn.c_attn`, ...) so that Hugging Face
+conversion is a short mapping.
+
+Shape letters used throughout: B batch, T time (new tokens), S keys attended to
+(cached + new), C channels (d_model), H heads, D head_dim, V vocabulary.
+
+    >>> model = GPT(GPTConfig.from_preset("seed-tiny", vocab_size=65))
+    >>> logits = model(torch.zeros(2, 8, dtype=torch.long))  # (2, 8, 65)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptkit.config import GPTConfig
+
+
+def sinusoidal_positions(n_positions: int, d_model: int) -> torch.Tensor:
+    """(n_positions, d_model): sin on even dimensions, cos on odd, wavelengths 10000^(2i/d).
+
+    Vaswani et al. 2017, §3.5: PE(pos, 2i) = sin(pos / 10000^(2i/d)),
+    PE(pos, 2i+1) = cos(pos / 10000^(2i/d)). Computed in float64 for accuracy.
+    """
+    pos = torch.arange(n_positions, dtype=torch.float64)[:, None]  # (P, 1)
+    two_i = torch.arange(0, d_model, 2, dtype=torch.float64)  # (ceil(d/2),)
+    angles = pos / torch.pow(10000.0, two_i / d_model)  # (P, ceil(d/2))
+    pe = torch.zeros(n_positions, d_model, dtype=torch.float64)
+    pe[:, 0::2] = torch.sin(angles)
+    pe[:, 1::2] = torch.cos(angles[:, : d_model // 2])
+    return pe.float()
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, filled up to `pos`.
+
+    It holds tensors and a position, nothing of the model. `GPT.forward` writes the new
+    keys and values of each layer at [pos, pos + T) and, after the last layer, advances
+    `pos` by T in one explicit step.
+    """
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.max_len = config.context_length if max_len is None else max_len
+        if not 1 <= self.max_len <= config.context_length:
+            raise ValueError(
+                f"max_len must be in [1, {config.context_length}], got {self.max_len}"
+            )
+        shape = (config.n_layer, batch_size, config.n_head, self.max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, H, S_max, D)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, H, T, D) keys/values at [pos, pos + T); return all S = pos + T of them."""
+        end = self.pos + k.shape[2]
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.pos += n
+
+    def reset(self) -> None:
+        self.pos = 0
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention. q, k, v come from one fused projection (`c_attn`)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.c_attn = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
+        # The spec concatenates the heads and stops; GPT-2/3 add an output projection.
+        self.c_proj = (
+            nn.Linear(config.d_model, config.d_model, bias=config.bias)
+            if config.attn_out_proj
+            else None
+        )
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.reference = False  # True: explicit softmax(QK^T/sqrt(D))V instead of SDPA
+
+    def forward(
+        self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C)."""
+        B, T, C = x.shape  # batch, time, channels
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        offset = 0
+        if kv_cache is not None:
+            offset = kv_cache.pos
+            k, v = kv_cache.update(layer, k, v)  # (B, H, S, D), S = offset + T
+        if self.reference:
+            y = reference_attention(q, k, v, offset)
+        else:
+            y = _fast_attention(q, k, v, offset, self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads concatenated
+        if self.c_proj is not None:
+            y = self.c_proj(y)
+        return self.resid_dropout(y)
+
+
+def causal_mask(T: int, S: int, device: torch.device | None = None) -> torch.Tensor:
+    """(T, S) bool, True where query t (at absolute position S - T + t) may see key s."""
+    offset = S - T
+    rows = torch.arange(T, device=device)[:, None] + offset
+    return torch.arange(S, device=device)[None, :] <= rows
+
+
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int = 0
+) -> torch.Tensor:
+    """The spec's attention, written out: softmax(Q K^T / sqrt(D), causal) V.
+
+    q (B, H, T, D) at positions [offset, offset + T); k, v (B, H, S, D) at [0, S).
+    Returns (B, H, T, D). The plain path the fast one is tested against.
+    """
+    T, S = q.shape[2], k.shape[2]
+    assert S == offset + T, "keys must cover every position up to the last query"
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    scores = scores.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
+    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # rows sum to 1
+    return weights @ v  # (B, H, T, D)
+
+
+def _fast_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int, dropout_p: float
+) -> torch.Tensor:
+    """Fused scaled_dot_product_attention with the same causal semantics as the reference."""
+    T, S = q.shape[2], k.shape[2]
+    if T == S:  # no cache or empty cache: plain causal attention
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    if T == 1:  # one new token sees every cached key
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    # A chunk appended to a cache: is_causal would align the mask top-left, so pass it.
+    mask = causal_mask(T, S, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+class MLP(nn.Module):
+    """Feed-forward: linear (C -> F), rectifier, linear (F -> C)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.d_model, config.ffn_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.ffn_dim, config.d_model, bias=config.bias)
+        self.activation, self.leaky_slope = config.activation, config.leaky_slope
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C)."""
+        h = self.c_fc(x)  # (B, T, F)
+        if self.activation == "gelu":
+            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
+        elif self.activation == "leaky_relu":
+            h = F.leaky_relu(h, self.leaky_slope)
+        else:
+            h = F.relu(h)
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    """One transformer layer: attention and feed-forward, each with a residual and a norm.
+
+    post-LN (the spec, and the original Transformer): x = LN(x + sublayer(x)).
+    pre-LN (GPT-2/3): x = x + sublayer(LN(x)).
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.post_norm = config.norm == "post"
+        self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C)."""
+        if self.post_norm:
+            x = self.ln_1(x + self.attn(x, kv_cache, layer))
+            return self.ln_2(x + self.mlp(x))
+        x = x + self.attn(self.ln_1(x), kv_cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer language model."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        if config.positional == "learned":
+            self.wpe = nn.Embedding(config.context_length, config.d_model)
+        else:
+            # Not a parameter and not saved: it is a function of the config.
+            pe = sinusoidal_positions(config.context_length, config.d_model)
+            self.register_buffer("pe", pe, persistent=False)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = (
+            nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
+            if config.final_norm
+            else None
+        )
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # one tensor, two uses
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer).
+
+        Radford et al. 2019, §2.3. Biases zero, layer norms gain 1 and bias 0.
+        """
+        std = 0.02
+        resid_std = std / math.sqrt(2 * self.config.n_layer)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_resid = name.endswith("attn.c_proj") or name.endswith("mlp.c_proj")
+                nn.init.normal_(module.weight, mean=0.0, std=resid_std if is_resid else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        """Trainable parameters, each tensor counted once (tied weights once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def set_reference_attention(self, enabled: bool = True) -> None:
+        """Switch every layer to the explicit attention path (for tests and `explain`)."""
+        for block in self.h:
+            block.attn.reference = enabled
+
+    def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, V).
+
+        With `kv_cache`, `idx` holds the next T tokens after the `kv_cache.pos` cached ones;
+        their keys and values are appended and the cache advances by T.
+        """
+        B, T = idx.shape
+        start = 0 if kv_cache is None else kv_cache.pos
+        if start + T > self.config.context_length:
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds the context length "
+                f"{self.config.context_length}"
+            )
+        if kv_cache is not None and start + T > kv_cache.max_len:
+            raise ValueError(f"KV cache of {kv_cache.max_len} positions is full")
+        # 1. token embedding plus position vector
+        x = self.wte(idx)  # (B, T, C)
+        if self.config.positional == "learned":
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        else:
+            x = x + self.pe[start : start + T].to(x.dtype)
+        x = self.drop(x)
+        # 2. the stack of blocks
+        for layer, block in enumerate(self.h):
+            x = block(x, kv_cache, layer)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        # 3. final norm (pre-LN only) and unembedding
+        if self.ln_f is not None:
+            x = self.ln_f(x)
+        return self.lm_head(x)  # (B, T, V)
