@@ -160,7 +160,9 @@ def _opt(default: Any, help: str) -> Any:
 class TrainConfig:
     """Everything about a training run that is not the model. Each field is a CLI flag."""
 
-    data: str = _opt("", "directory made by `gptkit prepare` (train.bin, val.bin, meta.json)")
+    data: str = dataclasses.field(
+        metadata={"help": "directory made by `gptkit prepare` (train.bin, val.bin, meta.json)"}
+    )
     out: str = _opt("runs/default", "run directory: checkpoints, metrics and plots go here")
     preset: str = _opt("seed-tiny", "model preset to start from (see `gptkit presets`)")
     n_layer: int | None = _opt(None, "override the preset's number of layers")

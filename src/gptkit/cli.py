@@ -1,0 +1,272 @@
+"""The `gptkit` command line: one entry point, one plain typed function per subcommand.
+
+    gptkit prepare INPUT... --out DIR --tokenizer gpt2|char|bpe
+    gptkit train --data DIR --out RUN [--preset NAME] [...]
+    gptkit sample RUN --prompt TEXT
+    gptkit demo
+    gptkit presets
+
+Flags are generated from each command function's signature (and from `TrainConfig`'s
+fields for `train`), so a function's defaults are the CLI's defaults. User mistakes
+(`GptkitError`) print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import sys
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from gptkit.errors import GptkitError
+
+TokenizerKind = Literal["gpt2", "char", "bpe"]
+
+
+def prepare(
+    inputs: list[str],
+    out: str,
+    tokenizer: TokenizerKind = "gpt2",
+    vocab_size: int | None = None,
+    val_fraction: float = 0.1,
+    errors: Literal["strict", "replace"] = "strict",
+) -> None:
+    """Tokenize text files into train.bin / val.bin for training.
+
+    Args:
+        inputs: text files, directories (searched recursively) or glob patterns
+        out: directory to write train.bin, val.bin, meta.json and tokenizer.json into
+        tokenizer: gpt2 (OpenAI's 50,257 BPE), char (the corpus's characters) or bpe (trained here)
+        vocab_size: vocabulary size for --tokenizer bpe
+        val_fraction: share of the token stream (its tail) kept for validation
+        errors: what to do with bytes that are not UTF-8: fail (strict) or replace them
+    """
+    from gptkit.data import prepare as prepare_data
+
+    meta = prepare_data(inputs, out, tokenizer, vocab_size, val_fraction, errors)
+    print(
+        f"{meta['documents']} documents, {meta['bytes']:,} bytes -> "
+        f"{meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens "
+        f"({meta['tokenizer']}, vocabulary {meta['vocab_size']:,}) in {out}"
+    )
+
+
+def train(**options: Any) -> None:
+    """Train a GPT on prepared data; checkpoints, metrics and loss.png go to --out."""
+    from gptkit.config import TrainConfig
+    from gptkit.train import train as run_training
+
+    run_dir = run_training(TrainConfig(**options))
+    print(f"run saved in {run_dir}; sample it with: gptkit sample {run_dir}")
+
+
+def sample(
+    run: str,
+    prompt: str = "",
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = 200,
+    top_p: float | None = None,
+    num_samples: int = 1,
+    seed: int | None = None,
+    device: str = "cpu",
+) -> None:
+    """Generate text from a trained model, streamed to stdout as it is produced.
+
+    Args:
+        run: run or model directory (config.json, model.safetensors, tokenizer.json)
+        prompt: text to continue (empty: start from end-of-text)
+        max_new_tokens: tokens to generate per sample (fewer if end-of-text comes first)
+        temperature: divide the logits by this; 0 picks the most likely token
+        top_k: sample only among the K most likely tokens
+        top_p: sample only among the smallest set of tokens whose probability reaches P
+        num_samples: how many independent samples to write
+        seed: random seed, for reproducible samples
+        device: cpu, cuda, or cuda:N
+    """
+    import torch
+
+    from gptkit.checkpoint import load
+    from gptkit.generate import stream_text, validate_sampling
+
+    validate_sampling(max_new_tokens, temperature, top_k, top_p)
+    if num_samples < 1:
+        raise GptkitError(f"--num-samples must be >= 1, got {num_samples}")
+    model, tokenizer = load(run, device=device)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else torch.seed())
+    for i in range(num_samples):
+        if num_samples > 1:
+            print(f"{'-' * 20} sample {i + 1} {'-' * 20}", flush=True)
+        sys.stdout.write(prompt)
+        for piece in stream_text(
+            model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, generator
+        ):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def demo(
+    data: str | None = None,
+    out: str = "runs/demo",
+    minutes: float = 5.0,
+    seed: int = 1337,
+) -> None:
+    """Train a small spec-style GPT on this machine in minutes, then print samples.
+
+    Args:
+        data: your own text (files, directories or globs); default: the Python standard library's own source
+        out: run directory (the prepared data goes in OUT/data)
+        minutes: training time budget
+        seed: random seed for training and sampling
+    """
+    from gptkit.demo import run_demo
+
+    run_demo(data, out, minutes, seed)
+
+
+def presets() -> None:
+    """List the model presets with their shapes and parameter counts."""
+    from gptkit.config import PRESETS, GPTConfig
+
+    print(f"{'preset':<12} {'pos':<10} {'norm':<5} {'act':<10} {'layers':>6} "
+          f"{'d_model':>7} {'heads':>5} {'context':>7} {'params':>10}")
+    for name in PRESETS:
+        c = GPTConfig.from_preset(name)
+        print(f"{name:<12} {c.positional:<10} {c.norm:<5} {c.activation:<10} {c.n_layer:>6} "
+              f"{c.d_model:>7} {c.n_head:>5} {c.context_length:>7} "
+              f"{_human(c.num_parameters()):>10}")
+
+
+def _human(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+# --- argument parsing ------------------------------------------------------------------
+
+
+@dataclass
+class _Param:
+    name: str
+    annotation: Any
+    default: Any  # REQUIRED, POSITIONAL, or the default value
+    help: str
+
+
+POSITIONAL = inspect.Parameter.empty  # a function parameter without a default
+REQUIRED = dataclasses.MISSING  # a dataclass field without a default: a required flag
+
+
+def _docstring_help(fn: Callable) -> dict[str, str]:
+    """The `name: text` lines of a Google-style Args section."""
+    doc = inspect.getdoc(fn) or ""
+    args = doc.split("Args:", 1)[1] if "Args:" in doc else ""
+    return dict(re.findall(r"^\s+(\w+): (.+)$", args, flags=re.MULTILINE))
+
+
+def _function_params(fn: Callable) -> list[_Param]:
+    hints, helps = typing.get_type_hints(fn), _docstring_help(fn)
+    return [
+        _Param(p.name, hints[p.name], p.default, helps.get(p.name, ""))
+        for p in inspect.signature(fn).parameters.values()
+    ]
+
+
+def _dataclass_params(cls: type) -> list[_Param]:
+    hints = typing.get_type_hints(cls)
+    return [
+        _Param(f.name, hints[f.name], f.default, f.metadata.get("help", ""))
+        for f in dataclasses.fields(cls)
+    ]
+
+
+def _add_params(parser: argparse.ArgumentParser, params: list[_Param]) -> None:
+    for p in params:
+        kind, choices, is_list = _unwrap(p.annotation)
+        if p.default is POSITIONAL:
+            parser.add_argument(p.name, type=kind, nargs="+" if is_list else None, help=p.help)
+            continue
+        flag = "--" + p.name.replace("_", "-")
+        if kind is bool:
+            action = argparse.BooleanOptionalAction if p.default else "store_true"
+            parser.add_argument(flag, action=action, default=p.default, help=p.help)
+            continue
+        if p.default is REQUIRED:
+            parser.add_argument(flag, type=kind, choices=choices, required=True, help=p.help)
+            continue
+        shown = "" if p.default in (None, "") else f" (default: {p.default})"
+        parser.add_argument(
+            flag, type=kind, choices=choices, default=p.default, help=p.help + shown
+        )
+
+
+def _unwrap(annotation: Any) -> tuple[type, list | None, bool]:
+    """(element type, choices, is_list) for the annotations our commands use."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return type(args[0]), list(args), False
+    if origin is list:
+        return args[0], None, True
+    if args and type(None) in args:  # X | None
+        return _unwrap(next(a for a in args if a is not type(None)))
+    return annotation, None, False
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line on stderr (plus where to find help)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} -h`)\n")
+
+
+COMMANDS: dict[str, Callable[..., None]] = {
+    "prepare": prepare,
+    "train": train,
+    "sample": sample,
+    "demo": demo,
+    "presets": presets,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gptkit import __version__
+    from gptkit.config import TrainConfig
+
+    parser = _Parser(
+        prog="gptkit", description="Train, sample and inspect GPT language models."
+    )
+    parser.add_argument("--version", action="version", version=f"gptkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, fn in COMMANDS.items():
+        doc = inspect.getdoc(fn) or ""
+        summary = doc.splitlines()[0] if doc else ""
+        cmd = sub.add_parser(name, help=summary, description=summary)
+        params = _dataclass_params(TrainConfig) if name == "train" else _function_params(fn)
+        _add_params(cmd, params)
+        cmd.set_defaults(_fn=fn)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    fn = args.pop("_fn")
+    args.pop("command")
+    try:
+        fn(**args)
+    except GptkitError as e:
+        print(f"gptkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gptkit: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `gptkit sample ... | head`: the reader left; not an error
+        sys.stderr.close()
+        return 0
+    return 0

@@ -1,0 +1,31 @@
+"""Shared test helpers: tiny configs and the optional Shakespeare corpus."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptkit.config import GPTConfig
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def tiny_config(family: str = "seed", **overrides) -> GPTConfig:
+    """A model small enough for a unit test, from the `seed` or the `gpt2` family."""
+    preset = "seed-tiny" if family == "seed" else "gpt2"
+    base = dict(vocab_size=61, context_length=32, n_layer=2, n_head=4, d_model=32)
+    return GPTConfig.from_preset(preset, **{**base, **overrides})
+
+
+@pytest.fixture
+def shakespeare() -> Path:
+    if not SHAKESPEARE.exists():
+        pytest.skip(f"{SHAKESPEARE} not present")
+    return SHAKESPEARE
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
