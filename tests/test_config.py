@@ -26,7 +26,7 @@ GPT3_TABLE = {
 def closed_form(cfg: GPTConfig) -> int:
     """Parameters written out independently of GPTConfig.num_parameters (biases on)."""
     d, v, L = cfg.d_model, cfg.vocab_size, cfg.n_layer
-    if cfg.attn_out_proj:  # GPT-2/3: qkv + out proj + 2 FFN matrices + 2 LNs = 12d^2 + 13d
+    if cfg.attn_out_proj:  # GPT-2/3: qkv, out proj, 2 FFN matrices, 2 LNs
         per_layer = 12 * d * d + 13 * d
     else:  # the spec: no output projection (d^2 + d fewer)
         per_layer = 11 * d * d + 12 * d

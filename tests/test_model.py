@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_config
+
 from gptkit.model import GPT, KVCache, causal_mask, reference_attention, sinusoidal_positions
 
 FAMILIES = ["seed", "gpt2"]
@@ -90,7 +90,7 @@ def test_seed_model_adds_sinusoids_to_embeddings() -> None:
 
 
 def test_post_ln_normalises_each_position() -> None:
-    """Guards the spec's post-LN: every sub-layer output, before gain and bias, has mean 0, var 1."""
+    """Guards the spec's post-LN: each sub-layer output, before gain and bias, has mean 0, var 1."""
     model = GPT(tiny_config("seed")).eval()
     _randomise_norms(model)
     outputs = []
@@ -102,7 +102,9 @@ def test_post_ln_normalises_each_position() -> None:
     for ln, out in outputs:
         z = (out - ln.bias) / ln.weight  # undo gain and bias
         torch.testing.assert_close(z.mean(-1), torch.zeros(z.shape[:-1]), atol=1e-5, rtol=0)
-        torch.testing.assert_close(z.var(-1, unbiased=False), torch.ones(z.shape[:-1]), atol=1e-3, rtol=0)
+        torch.testing.assert_close(
+            z.var(-1, unbiased=False), torch.ones(z.shape[:-1]), atol=1e-3, rtol=0
+        )
 
 
 @pytest.mark.parametrize("family", FAMILIES)

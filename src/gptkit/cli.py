@@ -122,7 +122,7 @@ def demo(
     """Train a small spec-style GPT on this machine in minutes, then print samples.
 
     Args:
-        data: your own text (files, directories or globs); default: the Python standard library's own source
+        data: your own text (files, directories, globs); default: Python's standard library
         out: run directory (the prepared data goes in OUT/data)
         minutes: training time budget
         seed: random seed for training and sampling
@@ -136,13 +136,17 @@ def presets() -> None:
     """List the model presets with their shapes and parameter counts."""
     from gptkit.config import PRESETS, GPTConfig
 
-    print(f"{'preset':<12} {'pos':<10} {'norm':<5} {'act':<10} {'layers':>6} "
-          f"{'d_model':>7} {'heads':>5} {'context':>7} {'params':>10}")
+    print(
+        f"{'preset':<12} {'pos':<10} {'norm':<5} {'act':<10} {'layers':>6} "
+        f"{'d_model':>7} {'heads':>5} {'context':>7} {'params':>10}"
+    )
     for name in PRESETS:
         c = GPTConfig.from_preset(name)
-        print(f"{name:<12} {c.positional:<10} {c.norm:<5} {c.activation:<10} {c.n_layer:>6} "
-              f"{c.d_model:>7} {c.n_head:>5} {c.context_length:>7} "
-              f"{_human(c.num_parameters()):>10}")
+        print(
+            f"{name:<12} {c.positional:<10} {c.norm:<5} {c.activation:<10} {c.n_layer:>6} "
+            f"{c.d_model:>7} {c.n_head:>5} {c.context_length:>7} "
+            f"{_human(c.num_parameters()):>10}"
+        )
 
 
 def _human(n: int) -> str:
@@ -239,9 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     from gptkit import __version__
     from gptkit.config import TrainConfig
 
-    parser = _Parser(
-        prog="gptkit", description="Train, sample and inspect GPT language models."
-    )
+    parser = _Parser(prog="gptkit", description="Train, sample and inspect GPT language models.")
     parser.add_argument("--version", action="version", version=f"gptkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, fn in COMMANDS.items():

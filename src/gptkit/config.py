@@ -73,7 +73,7 @@ class GPTConfig:
         return self.norm == "pre"
 
     def num_parameters(self) -> int:
-        """Closed-form parameter count, tied weights counted once. Matches `GPT.num_parameters()`."""
+        """Closed-form parameter count, tied weights once; equals `GPT.num_parameters()`."""
         d, f, b = self.d_model, self.ffn_dim, int(self.bias)
         attn = d * 3 * d + b * 3 * d
         if self.attn_out_proj:
@@ -117,9 +117,7 @@ def _check_choice(field: str, value: str, choices: Any) -> None:
 
 # The spec's variant, read literally (DESIGN.md §1): sinusoidal positions added to the
 # embeddings, post-LN, leaky ReLU, heads concatenated without an output projection.
-_SEED = dict(
-    positional="sinusoidal", norm="post", activation="leaky_relu", attn_out_proj=False
-)
+_SEED = dict(positional="sinusoidal", norm="post", activation="leaky_relu", attn_out_proj=False)
 # As OpenAI shipped GPT-2 and GPT-3 (Radford et al. 2019; Brown et al. 2020).
 _OPENAI = dict(positional="learned", norm="pre", activation="gelu", attn_out_proj=True)
 

@@ -56,9 +56,7 @@ class KVCache:
     ) -> None:
         self.max_len = config.context_length if max_len is None else max_len
         if not 1 <= self.max_len <= config.context_length:
-            raise ValueError(
-                f"max_len must be in [1, {config.context_length}], got {self.max_len}"
-            )
+            raise ValueError(f"max_len must be in [1, {config.context_length}], got {self.max_len}")
         shape = (config.n_layer, batch_size, config.n_head, self.max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, H, S_max, D)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -68,7 +66,9 @@ class KVCache:
     def batch_size(self) -> int:
         return self.k.shape[1]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (B, H, T, D) keys/values at [pos, pos + T); return all S = pos + T of them."""
         end = self.pos + k.shape[2]
         self.k[layer, :, :, self.pos : end] = k
@@ -138,7 +138,7 @@ def reference_attention(
     Returns (B, H, T, D). The plain path the fast one is tested against.
     """
     T, S = q.shape[2], k.shape[2]
-    assert S == offset + T, "keys must cover every position up to the last query"
+    assert offset + T == S, "keys must cover every position up to the last query"
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, S)
     scores = scores.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
     weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # rows sum to 1
@@ -196,7 +196,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
         """(B, T, C) -> (B, T, C)."""
         if self.post_norm:
             x = self.ln_1(x + self.attn(x, kv_cache, layer))
