@@ -30,6 +30,7 @@ TokenizerKind = Literal["gpt2", "char", "bpe"]
 
 def prepare(
     inputs: list[str],
+    *,
     out: str,
     tokenizer: TokenizerKind = "gpt2",
     vocab_size: int | None = None,
@@ -164,8 +165,10 @@ class _Param:
     help: str
 
 
-POSITIONAL = inspect.Parameter.empty  # a function parameter without a default
-REQUIRED = dataclasses.MISSING  # a dataclass field without a default: a required flag
+# Positional: a function parameter without a default. A required flag: a keyword-only
+# parameter without a default, or a dataclass field without one.
+POSITIONAL = inspect.Parameter.empty
+REQUIRED = dataclasses.MISSING
 
 
 def _docstring_help(fn: Callable) -> dict[str, str]:
@@ -177,10 +180,13 @@ def _docstring_help(fn: Callable) -> dict[str, str]:
 
 def _function_params(fn: Callable) -> list[_Param]:
     hints, helps = typing.get_type_hints(fn), _docstring_help(fn)
-    return [
-        _Param(p.name, hints[p.name], p.default, helps.get(p.name, ""))
-        for p in inspect.signature(fn).parameters.values()
-    ]
+    params = []
+    for p in inspect.signature(fn).parameters.values():
+        default = p.default
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and default is POSITIONAL:
+            default = REQUIRED
+        params.append(_Param(p.name, hints[p.name], default, helps.get(p.name, "")))
+    return params
 
 
 def _dataclass_params(cls: type) -> list[_Param]:
