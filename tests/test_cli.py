@@ -217,7 +217,7 @@ def test_prepare_input_errors(capsys, tmp_path: Path) -> None:
         ("nope.txt", "nope.txt"),
         ("empty.txt", "empty"),
         ("blob.bin", "blob.bin"),
-        ("latin1.txt", "byte 3"),
+        ("latin1.txt", "byte offset 3"),
     ]
     for name, needle in cases:
         code, _, err = run_cli(capsys, "prepare", tmp_path / name, "--out", out)

@@ -49,7 +49,9 @@ def prepare(
     """
     from gptkit.data import prepare as prepare_data
 
-    meta = prepare_data(inputs, out, tokenizer, vocab_size, val_fraction, errors)
+    meta = prepare_data(
+        inputs, out, tokenizer, vocab_size, val_fraction, errors, progress=_interactive()
+    )
     print(
         f"{meta['documents']} documents, {meta['bytes']:,} bytes -> "
         f"{meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens "
@@ -62,7 +64,7 @@ def train(**options: Any) -> None:
     from gptkit.config import TrainConfig
     from gptkit.train import train as run_training
 
-    run_dir = run_training(TrainConfig(**options))
+    run_dir = run_training(TrainConfig(**options), progress=_interactive())
     print(f"run saved in {run_dir}; sample it with: gptkit sample {run_dir}")
 
 
@@ -148,6 +150,11 @@ def presets() -> None:
             f"{c.d_model:>7} {c.n_head:>5} {c.context_length:>7} "
             f"{_human(c.num_parameters()):>10}"
         )
+
+
+def _interactive() -> bool:
+    """Progress bars only on a terminal: in logs and pipes they are noise."""
+    return sys.stderr.isatty()
 
 
 def _human(n: int) -> str:

@@ -47,7 +47,8 @@ def run_demo(data: str | None, out: str, minutes: float, seed: int) -> Path:
         inputs = [data] if data is not None else [str(p) for p in demo_sources()]
         print(f"preparing {len(inputs)} input(s) into {data_dir} ...", file=sys.stderr)
         errors = "replace" if data is None else "strict"  # a few stdlib files are not UTF-8
-        prepare(inputs, str(data_dir), "char", None, 0.05, errors)
+        progress = sys.stderr.isatty()
+        prepare(inputs, str(data_dir), "char", None, 0.05, errors, progress=progress)
         # 2. train for what is left of the budget
         budget = minutes * 60 - (time.monotonic() - start) - _SAMPLE_SECONDS
         print(
@@ -72,7 +73,7 @@ def run_demo(data: str | None, out: str, minutes: float, seed: int) -> Path:
             seed=seed,
             dropout=0.0,
         )
-        train(cfg)
+        train(cfg, progress=progress)
     # 3. show what it learned
     _print_samples(
         run_dir, prompts=["def ", "class ", "import "] if data is None else [""], seed=seed

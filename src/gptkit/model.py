@@ -267,6 +267,14 @@ class GPT(nn.Module):
         With `kv_cache`, `idx` holds the next T tokens after the `kv_cache.pos` cached ones;
         their keys and values are appended and the cache advances by T.
         """
+        return self.lm_head(self.hidden_states(idx, kv_cache))  # (B, T, V)
+
+    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> final hidden states (B, T, C): `forward` before the unembedding.
+
+        Generation unembeds only the last position: for a long prompt the (B, T, V) logits
+        would cost T times the head's compute and memory for nothing.
+        """
         B, T = idx.shape
         start = 0 if kv_cache is None else kv_cache.pos
         if start + T > self.config.context_length:
@@ -288,7 +296,7 @@ class GPT(nn.Module):
             x = block(x, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.advance(T)
-        # 3. final norm (pre-LN only) and unembedding
+        # 3. final norm (pre-LN only); `forward` applies the unembedding
         if self.ln_f is not None:
             x = self.ln_f(x)
-        return self.lm_head(x)  # (B, T, V)
+        return x  # (B, T, C)

@@ -1,0 +1,243 @@
+"""Character-level Shakespeare: gptkit's `train()` against a plain PyTorch loop.
+
+The model is GPT-2-style (preset gpt2 with 4 layers, 4 heads, width 128, context 64,
+dropout 0), trained with batch 12, AdamW lr 1e-3 (betas 0.9/0.99, weight decay 0.1 on
+matrices, gradient clip 1), 100 warm-up steps then cosine to 1e-4 at 2,000 steps: the
+recipe of nanoGPT's `shakespeare_char` at a CPU size. Reported:
+
+- the final loss on the WHOLE validation split (last 10% of the characters);
+- training tokens/s: the median over 50-step windows (robust to other processes taking the
+  CPU for a while; the first window, which holds compilation, is left out), plus the
+  end-to-end wall time;
+- the same for a plain eager loop of the same model in the same process (nanoGPT-like:
+  get_batch with torch.stack, forward, F.cross_entropy, backward, clip, AdamW) as the
+  tokens/s baseline;
+- the `seed` variant (spec: sinusoidal positions, post-LN, leaky ReLU, no attention output
+  projection) at the same size.
+
+    .venv/bin/python benchmarks/train_shakespeare.py
+    .venv/bin/python benchmarks/train_shakespeare.py --variant gpt2 --steps 300 --no-compile
+    .venv/bin/python benchmarks/train_shakespeare.py --skip-baseline --json out.json
+
+Needs ../shared/data/tinyshakespeare.txt (relative to the repository root); prepared data
+and runs go to benchmarks/out/ (git-ignored). The machine's load average is printed with
+each run: on a shared 2-core machine other processes change the timings a lot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gptkit.checkpoint import load_model
+from gptkit.config import GPTConfig, TrainConfig
+from gptkit.data import load_meta, open_split, prepare
+from gptkit.fileio import atomic_write_json
+from gptkit.model import GPT
+from gptkit.train import evaluate_full, train
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+MODEL = dict(n_layer=4, n_head=4, d_model=128, context_length=64, dropout=0.0)
+PRESETS = {"gpt2": "gpt2", "seed": "seed-tiny"}
+RECIPE = dict(
+    batch_size=12,
+    lr=1e-3,
+    min_lr=1e-4,
+    warmup_steps=100,
+    weight_decay=0.1,
+    beta1=0.9,
+    beta2=0.99,  # nanoGPT's shakespeare_char choice: few tokens per step, so a shorter memory
+    grad_clip=1.0,
+    seed=1337,
+)
+WINDOW = 50  # steps per throughput window
+EVAL_BATCH = 64  # sequences per batch for the whole-split evaluation
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=2000, help="optimizer steps per run")
+    parser.add_argument(
+        "--variant", choices=["gpt2", "seed", "all"], default="all", help="model families to train"
+    )
+    parser.add_argument("--skip-baseline", action="store_true", help="skip the plain loop")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train gptkit's runs with --compile (default: on)",
+    )
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "out"), help="work directory")
+    parser.add_argument("--json", metavar="OUT", help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    if args.steps < 2 * WINDOW:
+        parser.error(f"--steps must be >= {2 * WINDOW} (two throughput windows)")
+    return args
+
+
+def prepare_data(work: Path) -> Path:
+    """The character-tokenized corpus, prepared once into work/shakespeare_char."""
+    if not CORPUS.is_file():
+        sys.exit(f"{CORPUS} not found: this benchmark needs the shared Shakespeare corpus")
+    data = work / "shakespeare_char"
+    if not (data / "meta.json").is_file():
+        prepare([str(CORPUS)], str(data), tokenizer="char", val_fraction=0.1, progress=False)
+    return data
+
+
+def run_gptkit(data: Path, work: Path, variant: str, steps: int, compile: bool) -> dict[str, Any]:
+    """gptkit's train() from scratch; returns its timings and whole-split val loss."""
+    out = work / f"run-{variant}"
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = TrainConfig(
+        data=str(data),
+        out=str(out),
+        preset=PRESETS[variant],
+        **MODEL,
+        **RECIPE,
+        max_steps=steps,
+        eval_every=250,
+        eval_steps=20,
+        save_every=0,
+        log_every=WINDOW,
+        compile=compile,
+    )
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    train(cfg, progress=False)
+    wall = time.perf_counter() - start
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    speeds = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r][1:]
+    model = load_model(out)
+    return {
+        "run": f"gptkit train ({variant}{', compile' if compile else ''})",
+        "variant": variant,
+        "val_loss": evaluate_full(model, open_split(data, "val"), EVAL_BATCH, 64),
+        "tokens_per_sec": statistics.median(speeds),
+        "wall_s": wall,
+        "load_before": load,
+        "load_after": os.getloadavg()[0],
+    }
+
+
+def plain_lr(it: int, steps: int) -> float:
+    """nanoGPT's get_lr: linear warm-up, cosine decay to min_lr."""
+    warmup, lr, min_lr = RECIPE["warmup_steps"], RECIPE["lr"], RECIPE["min_lr"]
+    if it < warmup:
+        return lr * (it + 1) / (warmup + 1)
+    ratio = (it - warmup) / (steps - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+def run_plain(data: Path, steps: int) -> dict[str, Any]:
+    """A straightforward nanoGPT-like eager loop of the gpt2 variant: the baseline."""
+    meta = load_meta(data)
+    B, T = RECIPE["batch_size"], MODEL["context_length"]
+    torch.manual_seed(RECIPE["seed"])
+    model = GPT(GPTConfig.from_preset("gpt2", vocab_size=meta["vocab_size"], **MODEL))
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": RECIPE["weight_decay"]},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=RECIPE["lr"],
+        betas=(RECIPE["beta1"], RECIPE["beta2"]),
+    )
+    dtype = np.uint16 if meta["dtype"] == "uint16" else np.uint32
+
+    def get_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = np.memmap(data / "train.bin", dtype=dtype, mode="r")
+        ix = torch.randint(len(tokens) - T, (B,))
+        x = torch.stack([torch.from_numpy(tokens[i : i + T].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(tokens[i + 1 : i + 1 + T].astype(np.int64)) for i in ix])
+        return x, y
+
+    load = os.getloadavg()[0]
+    start = window_start = time.perf_counter()
+    speeds = []
+    for it in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = plain_lr(it, steps)
+        x, y = get_batch()
+        logits = model(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), RECIPE["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if it % 10 == 0:
+            loss.item()  # nanoGPT reads the loss every log interval
+        if (it + 1) % WINDOW == 0:
+            now = time.perf_counter()
+            speeds.append(WINDOW * B * T / (now - window_start))
+            window_start = now
+    wall = time.perf_counter() - start
+    return {
+        "run": "plain PyTorch loop (gpt2, eager)",
+        "variant": "gpt2",
+        "val_loss": evaluate_full(model, open_split(data, "val"), EVAL_BATCH, T),
+        "tokens_per_sec": statistics.median(speeds[1:]),
+        "wall_s": wall,
+        "load_before": load,
+        "load_after": os.getloadavg()[0],
+    }
+
+
+def table(results: list[dict[str, Any]], steps: int) -> str:
+    base = next((r for r in results if r["run"].startswith("plain")), None)
+    lines = [
+        f"| run ({steps} steps) | val loss (whole split) | tokens/s (median) | vs plain "
+        "| ms/step | wall s | load avg before/after |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    tokens_per_step = RECIPE["batch_size"] * MODEL["context_length"]
+    for r in results:
+        ratio = f"{r['tokens_per_sec'] / base['tokens_per_sec']:.2f}x" if base else "-"
+        lines.append(
+            f"| {r['run']} | {r['val_loss']:.4f} | {r['tokens_per_sec']:,.0f} | {ratio} "
+            f"| {1000 * tokens_per_step / r['tokens_per_sec']:.1f} | {r['wall_s']:.0f} "
+            f"| {r['load_before']:.1f} / {r['load_after']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    work = Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(work)
+    variants = ["gpt2", "seed"] if args.variant == "all" else [args.variant]
+    results = []
+    for variant in variants:
+        results.append(run_gptkit(data, work, variant, args.steps, args.compile))
+        print(f"done: {results[-1]['run']}", file=sys.stderr)
+        if variant == "gpt2" and not args.skip_baseline:
+            results.append(run_plain(data, args.steps))
+            print(f"done: {results[-1]['run']}", file=sys.stderr)
+    env = (
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, {platform.machine()}"
+    )
+    print(f"\n{env}\n\n{table(results, args.steps)}")
+    if args.json:
+        atomic_write_json(args.json, {"steps": args.steps, "env": env, "results": results})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""Sampling and autoregressive generation: filters, a token stream, text streaming.
+
+Sampling is pure functions with an explicit `torch.Generator`. The order of operations
+on the next-token logits is fixed, and stated here once:
+
+    temperature -> top-k -> top-p -> softmax -> sample
+
+`temperature == 0` means greedy (argmax); ties go to the lowest token id everywhere
+(argmax, top-k and top-p all break ties by id), so `top_k=1` is greedy too.
+
+`stream` is the one decoding loop: it yields the next token of every row per step.
+`generate` collects it into a tensor; `stream_text` decodes it into text pieces.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> out = generate(model, idx, max_new_tokens=50, top_k=40, top_p=0.9, generator=g)
+    >>> for piece in stream_text(model, tokenizer, "Once upon", 100, seed=0):
+    ...     print(piece, end="", flush=True)
+
+Context window. Positions are absolute (learned or sinusoidal vectors are added at the
+input), so every token is conditioned on at most the last `context_length` tokens, placed
+at positions [0, context_length). A longer prompt keeps its last `context_length` tokens,
+and generation past the context slides that window. The plain reference (`use_cache=False`)
+re-runs the model on the window at every step. With the KV cache, each step within the
+context costs one token; once the window slides every cached key sits at a stale position,
+so the cache is rebuilt from the current window in one forward pass per new token. That is
+exactly the reference's computation (cached and uncached decoding agree token for token,
+also past the context) at the reference's cost: a step past the context processes
+`context_length` tokens instead of one. A cheaper scheme that re-fills the cache with
+half a window and then appends to it for half a window of steps would amortise that,
+but it conditions tokens on a different window than the reference, so it is not used.
+Only the last position is ever unembedded (`GPT.hidden_states`, then `lm_head`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterator
+from typing import Protocol
+
+import torch
+
+from gptkit.errors import GptkitError
+from gptkit.model import GPT, KVCache
+
+
+class Tokenizer(Protocol):
+    """What `stream_text` needs from a tokenizer."""
+
+    eot_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+def validate_sampling(
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> None:
+    """Raise GptkitError (one line) for a sampling setting that cannot work."""
+    if max_new_tokens < 0:
+        raise GptkitError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise GptkitError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise GptkitError(f"top_k must be >= 1 (or unset), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise GptkitError(f"top_p must be in (0, 1] (or unset), got {top_p}")
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep exactly the k largest logits of each row, set the rest to -inf.
+
+    logits (..., V) -> (..., V). Ties at the k-th value go to the lowest token ids.
+    """
+    if k >= logits.shape[-1]:
+        return logits
+    # A stable descending sort orders equal logits by id, so exactly k survive.
+    order = torch.sort(logits, dim=-1, descending=True, stable=True).indices  # (..., V)
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order[..., :k], True)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most probable tokens whose mass reaches p.
+
+    logits (..., V) -> (..., V), removed entries set to -inf. A token is kept when the
+    mass of the tokens ranked above it is still below p, so the token that crosses p is
+    kept, and when a prefix sums exactly to p nothing after it is. Equal probabilities
+    are ranked by token id. Probabilities are computed in float32.
+    """
+    if p >= 1.0:
+        return logits
+    probs = torch.softmax(logits.float(), dim=-1)  # (..., V)
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # exclusive prefix sum
+    keep_sorted = mass_before < p  # always keeps the top token: its mass_before is 0
+    keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick one token per row from next-token logits (B, V) -> ids (B,).
+
+    temperature -> top-k -> top-p -> softmax -> sample; temperature 0 is argmax.
+    `generator` (on the logits' device) makes the draw reproducible.
+    """
+    if temperature == 0:
+        return torch.argmax(logits, dim=-1)  # first maximum: ties go to the lowest id
+    logits = logits.float() / temperature  # float32: bf16 logits lose too much in softmax
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    probs = torch.softmax(logits, dim=-1)  # (B, V); filtered entries are exactly 0
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+
+
+def _check_prompt(model: GPT, idx: torch.Tensor) -> None:
+    if idx.dim() != 2 or idx.shape[0] == 0 or idx.shape[1] == 0:
+        shape = tuple(idx.shape)
+        raise GptkitError(f"the prompt must be a non-empty (batch, time) tensor, got {shape}")
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise GptkitError(f"the prompt must hold integer token ids, got {idx.dtype}")
+    vocab = model.config.vocab_size
+    if int(idx.min()) < 0 or int(idx.max()) >= vocab:
+        raise GptkitError(f"the prompt has token ids outside the vocabulary [0, {vocab})")
+
+
+def _last_logits(model: GPT, idx: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
+    """Run the model on idx (B, T) and return the last position's logits (B, V).
+
+    Only the last position is unembedded: a prefill or window rebuild of T tokens would
+    otherwise compute, and hold, (B, T, V) logits to use one row of them.
+    """
+    return model.lm_head(model.hidden_states(idx, kv_cache)[:, -1])  # (B, V)
+
+
+def stream(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eot_id: int | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> Generator[torch.Tensor, None, None]:
+    """Yield the next token of every row, (B,) per step, for prompts idx (B, T).
+
+    A row that produced `eot_id` is finished: afterwards it keeps emitting `eot_id` as
+    padding (the batch stays rectangular). The stream ends when every row is finished
+    or after `max_new_tokens` steps. The model runs in eval mode under
+    `torch.inference_mode()` (entered per step, never across a `yield`); its previous
+    mode is restored when the stream ends or is closed. `use_cache=False` is the plain
+    reference: a full forward pass over the window per token. Bad arguments raise
+    GptkitError here, before the first token is asked for.
+    """
+    validate_sampling(max_new_tokens, temperature, top_k, top_p)
+    _check_prompt(model, idx)
+    return _stream(
+        model, idx, max_new_tokens, temperature, top_k, top_p, eot_id, generator, use_cache
+    )
+
+
+def _stream(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    eot_id: int | None,
+    generator: torch.Generator | None,
+    use_cache: bool,
+) -> Generator[torch.Tensor, None, None]:
+    """The decoding loop behind `stream` (arguments already validated)."""
+    if max_new_tokens == 0:
+        return
+    C = model.config.context_length
+    param = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            idx = idx[:, -C:].to(device=param.device, dtype=torch.long)  # the last C tokens
+            B, T = idx.shape  # batch, prompt time
+            # Every token so far: the sliding window is read from here.
+            tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
+            tokens[:, :T] = idx
+            finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+            cache = None
+            if use_cache:
+                max_len = min(C, T + max_new_tokens)
+                cache = KVCache(model.config, B, max_len, device=param.device, dtype=param.dtype)
+            # 1. prefill: the whole prompt in one pass (fills the cache when there is one)
+            logits = _last_logits(model, idx, cache)  # (B, V)
+        n = T  # tokens written
+        for step in range(max_new_tokens):
+            with torch.inference_mode():
+                # 2. sample, pad the finished rows, record
+                next_ids = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+                if eot_id is not None:
+                    next_ids = torch.where(finished, eot_id, next_ids)
+                    finished |= next_ids == eot_id
+                tokens[:, n] = next_ids
+                n += 1
+                done = step == max_new_tokens - 1 or bool(finished.all())
+            yield next_ids.clone()  # cloned outside inference mode: an ordinary tensor
+            if done:
+                return
+            with torch.inference_mode():
+                # 3. the next step's logits
+                if cache is None:
+                    logits = _last_logits(model, tokens[:, max(0, n - C) : n], None)
+                elif cache.pos < cache.max_len:
+                    logits = _last_logits(model, tokens[:, n - 1 : n], cache)  # one token
+                else:
+                    cache.reset()  # the window slid: every cached position is stale
+                    logits = _last_logits(model, tokens[:, n - C : n], cache)
+    finally:
+        model.train(was_training)
+
+
+def generate(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eot_id: int | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """Prompts idx (B, T) -> (B, T + n): the prompts followed by n <= max_new_tokens tokens.
+
+    n is smaller only when every row produced `eot_id` early; rows that finished before
+    the others are padded with `eot_id`. See `stream` for the arguments.
+    """
+    steps = stream(
+        model, idx, max_new_tokens, temperature, top_k, top_p, eot_id, generator, use_cache
+    )
+    new = [t.to(idx.device) for t in steps]  # n x (B,)
+    if not new:
+        return idx.clone()
+    return torch.cat([idx, torch.stack(new, dim=1).to(idx.dtype)], dim=1)  # (B, T + n)
+
+
+def stream_text(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+) -> Iterator[str]:
+    """Yield the text of one sample as it is produced, piece by piece (prompt excluded).
+
+    Generation stops at the tokenizer's end-of-text token, which is not part of the text.
+    An empty prompt starts from end-of-text, as GPT-2 was trained. Byte-level tokens can
+    split a UTF-8 character, so a piece is emitted only once its text decodes cleanly: a
+    trailing U+FFFD (an incomplete character) is held back until later tokens complete
+    it, and flushed as-is at the end. The pieces join to `tokenizer.decode(new_ids)`.
+    The whole new text is re-decoded at each step, which is exact for any tokenizer
+    whose decoding of a prefix is a prefix of the decoding.
+
+    Randomness: pass a `generator` (sharing one across calls gives different, reproducible
+    samples) or a `seed` (a fresh generator seeded with it), not both; with neither, the
+    global RNG is used. Bad arguments raise GptkitError at the call.
+    """
+    validate_sampling(max_new_tokens, temperature, top_k, top_p)
+    eot_id = tokenizer.eot_id
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        if eot_id is None:
+            raise GptkitError("the prompt is empty and the tokenizer has no end-of-text token")
+        ids = [eot_id]
+    device = next(model.parameters()).device
+    if seed is not None:
+        if generator is not None:
+            raise GptkitError("pass a seed or a generator for sampling, not both")
+        generator = torch.Generator(device=device).manual_seed(seed)
+    idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+    tokens = stream(
+        model, idx, max_new_tokens, temperature, top_k, top_p, eot_id, generator, use_cache
+    )
+    return _text_pieces(tokenizer, tokens)
+
+
+def _text_pieces(
+    tokenizer: Tokenizer, tokens: Generator[torch.Tensor, None, None]
+) -> Iterator[str]:
+    """Decode a one-row token stream into clean text pieces (see `stream_text`)."""
+    new: list[int] = []
+    emitted = 0  # characters of the decoded new text already yielded
+    try:
+        for next_ids in tokens:
+            token = int(next_ids[0])
+            if token == tokenizer.eot_id:
+                break
+            new.append(token)
+            text = tokenizer.decode(new).rstrip("\ufffd")  # hold back an incomplete character
+            if len(text) > emitted:
+                yield text[emitted:]
+                emitted = len(text)
+    finally:
+        tokens.close()  # restores the model's mode now, not when garbage-collected
+    text = tokenizer.decode(new)
+    if len(text) > emitted:
+        yield text[emitted:]

@@ -1,0 +1,552 @@
+"""The training loop: schedule, optimizer groups, learning, exact resume, signals, errors.
+
+Runs use tiny models (1-2 layers, width 32, context 16) on fake prepared directories
+written here with numpy and json in `gptkit prepare`'s format, so each takes well under
+a second of compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gptkit import train as train_mod
+from gptkit.checkpoint import load_model, load_train_state
+from gptkit.config import GPTConfig, TrainConfig
+from gptkit.errors import GptkitError
+from gptkit.model import GPT
+from gptkit.train import decay_groups, evaluate_full, lr_at, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fake_data(
+    path: Path, n_train: int = 4000, n_val: int = 800, vocab_size: int = 24, seed: int = 0
+) -> Path:
+    """A prepared directory (char tokenizer) holding a learnable stream: a noisy cycle."""
+    rng = np.random.default_rng(seed)
+    n = n_train + n_val
+    ids = (np.arange(n) % (vocab_size - 1)).astype(np.int64)
+    noise = rng.random(n) < 0.1
+    ids[noise] = rng.integers(0, vocab_size - 1, noise.sum())
+    path.mkdir(parents=True, exist_ok=True)
+    ids.astype(np.uint16)[:n_train].tofile(path / "train.bin")
+    ids.astype(np.uint16)[n_train:].tofile(path / "val.bin")
+    chars = [chr(ord("a") + i) for i in range(vocab_size - 1)]
+    (path / "tokenizer.json").write_text(json.dumps({"kind": "char", "version": 1, "chars": chars}))
+    meta = {
+        "version": 1,
+        "tokenizer": "char",
+        "vocab_size": vocab_size,
+        "eot_id": vocab_size - 1,
+        "dtype": "uint16",
+        "train_tokens": n_train,
+        "val_tokens": n_val,
+        "documents": 1,
+        "sources": ["fake"],
+        "bytes": n,
+    }
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+def tiny(data: Path, out: Path, **overrides) -> TrainConfig:
+    base = dict(
+        data=str(data),
+        out=str(out),
+        preset="gpt2",
+        n_layer=1,
+        n_head=2,
+        d_model=32,
+        context_length=16,
+        batch_size=4,
+        max_steps=10,
+        warmup_steps=2,
+        lr=3e-3,
+        min_lr=3e-4,
+        eval_every=5,
+        eval_steps=2,
+        save_every=1000,
+        log_every=1,
+        seed=0,
+    )
+    return TrainConfig(**{**base, **overrides})
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["train_loss"]) for r in metrics(run) if "train_loss" in r]
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return fake_data(tmp_path / "data")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine OpenMP
+    threads waiting for a descheduled partner make every op ~30x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def test_lr_schedule_warmup_then_cosine():
+    """Guards the schedule: 0 -> lr linearly over warm-up, cosine to min_lr, then flat."""
+    cfg = TrainConfig(data="d", lr=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=1100)
+    assert lr_at(0, cfg) == 0.0
+    assert lr_at(50, cfg) == pytest.approx(5e-4)
+    assert lr_at(100, cfg) == pytest.approx(1e-3)
+    assert lr_at(600, cfg) == pytest.approx(5.5e-4)  # half-way down the cosine
+    assert lr_at(1100, cfg) == pytest.approx(1e-4)
+    assert lr_at(5000, cfg) == pytest.approx(1e-4)
+    values = [lr_at(s, cfg) for s in range(100, 1101)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    no_warmup = TrainConfig(data="d", warmup_steps=0, max_steps=10)
+    assert lr_at(0, no_warmup) == pytest.approx(no_warmup.lr)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_weight_decay_only_on_matrices(tie):
+    """Guards decay groups: embeddings and weight matrices decay; biases and norm gains never."""
+    model = GPT(
+        GPTConfig.from_preset(
+            "gpt2",
+            vocab_size=20,
+            n_layer=2,
+            n_head=2,
+            d_model=16,
+            context_length=8,
+            tie_embeddings=tie,
+        )
+    )
+    decay, no_decay = decay_groups(model)
+    assert "wte.weight" in decay and "wpe.weight" in decay
+    assert "h.0.attn.c_attn.weight" in decay and "h.1.mlp.c_proj.weight" in decay
+    assert ("lm_head.weight" in decay) is not tie  # a tied head is wte, listed once
+    assert "h.0.ln_1.weight" in no_decay and "ln_f.bias" in no_decay
+    assert all(n.endswith(".bias") or ".ln_" in n or n.startswith("ln_f") for n in no_decay)
+    assert len(decay) + len(no_decay) == len(list(model.parameters()))
+    opt = train_mod.configure_optimizer(
+        model, TrainConfig(data="d", weight_decay=0.1), torch.device("cpu")
+    )
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+
+
+def test_evaluate_full_is_the_token_weighted_mean(data):
+    """Guards the whole-split evaluation: every target once, batches weighted by their size."""
+    model = GPT(
+        GPTConfig.from_preset(
+            "gpt2", vocab_size=24, n_layer=1, n_head=2, d_model=16, context_length=16
+        )
+    ).eval()
+    tokens = np.fromfile(data / "val.bin", dtype=np.uint16)[:103]  # 6 full windows + 6 extra
+    ids = torch.from_numpy(tokens.astype(np.int64))
+    with torch.no_grad():
+        expected = torch.cat(
+            [
+                torch.nn.functional.cross_entropy(
+                    model(ids[s : s + 16][None])[0], ids[s + 1 : s + 17], reduction="none"
+                )
+                for s in range(0, 96, 16)
+            ]
+            + [
+                torch.nn.functional.cross_entropy(
+                    model(ids[96:102][None])[0], ids[97:103], reduction="none"
+                )
+            ]
+        ).mean()
+    got = evaluate_full(model, tokens, batch_size=4, context_length=16)
+    assert got == pytest.approx(expected.item(), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- learning
+
+
+def test_overfits_one_fixed_batch(tmp_path):
+    """Guards the step as a whole (loss, backward, clip, AdamW, schedule): a model that can't
+    memorise one batch has a broken gradient path."""
+    # A train split of exactly T + 1 tokens has one window: every batch is the same.
+    data = fake_data(tmp_path / "one", n_train=17, n_val=400, seed=3)
+    cfg = tiny(
+        data,
+        tmp_path / "run",
+        max_steps=300,
+        warmup_steps=10,
+        lr=1e-2,
+        min_lr=1e-3,
+        weight_decay=0.0,
+        eval_every=0,
+        log_every=50,
+    )
+    losses = [loss for _, loss in train_losses(train(cfg, progress=False))]
+    assert losses[-1] < 0.05, losses
+
+
+def test_run_dir_files_and_metrics(data, tmp_path):
+    """Guards the run-directory contract (DESIGN.md §3) and the metrics.jsonl keys."""
+    run = train(
+        tiny(data, tmp_path / "run", max_steps=12, eval_every=5, log_every=4), progress=False
+    )
+    names = {p.name for p in run.iterdir()}
+    assert names == {
+        "config.json",
+        "train_config.json",
+        "tokenizer.json",
+        "model.safetensors",
+        "train_state.pt",
+        "metrics.jsonl",
+        "loss.png",
+    }
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((run / "tokenizer.json").read_text()) == json.loads(
+        (data / "tokenizer.json").read_text()
+    )
+    assert (
+        TrainConfig.from_dict(json.loads((run / "train_config.json").read_text())).max_steps == 12
+    )
+    assert GPTConfig.from_dict(json.loads((run / "config.json").read_text())).vocab_size == 24
+    lines = metrics(run)
+    train_lines = [r for r in lines if "train_loss" in r]
+    assert [r["step"] for r in train_lines] == [4, 8, 12]
+    for r in train_lines:
+        assert {"step", "train_loss", "lr", "tokens_per_sec", "elapsed"} <= set(r)
+        assert r["tokens_per_sec"] > 0
+    assert [r["step"] for r in lines if "val_loss" in r] == [5, 10, 12]
+    assert load_train_state(run)["step"] == 12
+    assert train_losses(run)[-1][1] < math.log(24)  # learned something
+
+
+def test_grad_accumulation_matches_a_big_batch(data, tmp_path):
+    """Guards the accumulation arithmetic (loss / grad_accum): 2 x B/2 == 1 x B, dropout 0."""
+    big = train(tiny(data, tmp_path / "big", batch_size=8, grad_accum=1), progress=False)
+    acc = train(tiny(data, tmp_path / "acc", batch_size=4, grad_accum=2), progress=False)
+    a, b = train_losses(big), train_losses(acc)
+    assert [s for s, _ in a] == [s for s, _ in b]
+    np.testing.assert_allclose([v for _, v in a], [v for _, v in b], rtol=1e-4)
+
+
+def test_bfloat16_autocast_trains_with_fp32_parameters(data, tmp_path):
+    """Guards --dtype bfloat16: autocast runs the step, parameters and checkpoint stay fp32."""
+    run = train(tiny(data, tmp_path / "run", dtype="bfloat16", max_steps=4), progress=False)
+    assert all(math.isfinite(v) for _, v in train_losses(run))
+    state = load_train_state(run)
+    assert all(t.dtype == torch.float32 for t in state["model"].values())
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def stop_after(monkeypatch, n: int) -> None:
+    """Make the run receive SIGTERM during its n-th step (as `kill` would)."""
+    real, calls = train_mod.train_step, []
+
+    def step(run, lr):
+        calls.append(1)
+        if len(calls) == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(run, lr)
+
+    monkeypatch.setattr(train_mod, "train_step", step)
+
+
+def test_resume_is_bit_identical_with_dropout(data, tmp_path, monkeypatch, capsys):
+    """Guards exact resume: 40 straight steps == 20 + SIGTERM + resume + 20, loss for loss,
+    with dropout on (torch RNG restored), evaluations in between (own generator), and the
+    data generator restored (same batches)."""
+    kw = dict(
+        preset="seed-tiny",
+        n_layer=2,
+        dropout=0.1,
+        max_steps=40,
+        warmup_steps=5,
+        eval_every=10,
+        save_every=7,
+    )
+    straight = train(tiny(data, tmp_path / "straight", **kw), progress=False)
+    with monkeypatch.context() as m:
+        stop_after(m, 20)
+        train(tiny(data, tmp_path / "split", **kw), progress=False)
+    assert "--resume" in capsys.readouterr().err
+    assert load_train_state(tmp_path / "split")["step"] == 20
+    torch.manual_seed(12345)  # a different global RNG state: resume must restore its own
+    split = train(tiny(data, tmp_path / "split", resume=True, **kw), progress=False)
+    a, b = train_losses(straight), train_losses(split)
+    assert [s for s, _ in b] == list(range(1, 41))  # no duplicated or missing steps
+    assert a == b  # bit-identical floats
+    val_a = [r["val_loss"] for r in metrics(straight) if "val_loss" in r]
+    val_b = [r["val_loss"] for r in metrics(split) if "val_loss" in r]
+    assert val_a == val_b
+    wa, wb = load_model(straight).state_dict(), load_model(split).state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_cuts_metrics_back_to_the_checkpoint(data, tmp_path):
+    """Guards metrics.jsonl consistency: lines after the resumed step (and a torn line from a
+    kill) are dropped, so the file never holds two histories of a step."""
+    run = train(tiny(data, tmp_path / "run", max_steps=6), progress=False)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 7, "train_loss": 9.0}) + "\n" + '{"step": 8, "tra')
+    train(tiny(data, run, max_steps=9, resume=True), progress=False)
+    steps = [s for s, _ in train_losses(run)]
+    assert steps == list(range(1, 10))
+    assert all(v != 9.0 for _, v in train_losses(run))
+
+
+def test_max_time_stops_and_saves(data, tmp_path, capsys):
+    """Guards --max-time: the run stops after the budget, with a checkpoint to resume."""
+    run = train(tiny(data, tmp_path / "run", max_steps=10_000, max_time=0.2), progress=False)
+    step = load_train_state(run)["step"]
+    assert 1 <= step < 10_000
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_resume_command_reproduces_the_options(data, tmp_path):
+    """Guards the printed resume hint: fed back to the CLI parser it must give the same
+    TrainConfig (with --resume), or the resumed run silently trains with other options."""
+    import shlex
+
+    from gptkit.cli import build_parser
+
+    cfg = tiny(data, tmp_path / "my run", compile=True, max_time=30.0, dtype="bfloat16")
+    command = train_mod.resume_command(cfg)
+    args = vars(build_parser().parse_args(shlex.split(command)[1:]))
+    args = {k: v for k, v in args.items() if k not in ("_fn", "command")}
+    assert TrainConfig(**args) == dataclasses.replace(cfg, resume=True)
+
+
+def test_signal_handlers_are_restored(data, tmp_path):
+    """Guards handler hygiene: train() must not leave its SIGINT/SIGTERM handlers installed."""
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    train(tiny(data, tmp_path / "run", max_steps=2), progress=False)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+# --------------------------------------------------------------------------- NaN
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch):
+    """Guards divergence handling: a NaN loss is a GptkitError naming the step, and the last
+    good checkpoint is neither overwritten nor touched."""
+    run = train(tiny(data, tmp_path / "run", max_steps=10), progress=False)
+    before = {
+        n: ((run / n).read_bytes(), (run / n).stat().st_mtime_ns)
+        for n in ("model.safetensors", "train_state.pt")
+    }
+    real = train_mod.lm_loss
+    monkeypatch.setattr(train_mod, "lm_loss", lambda logits, y: real(logits, y) * float("nan"))
+    with pytest.raises(
+        GptkitError, match=r"loss became nan at step 11; last good checkpoint at step 10"
+    ):
+        train(tiny(data, run, max_steps=20, save_every=1, resume=True), progress=False)
+    after = {n: ((run / n).read_bytes(), (run / n).stat().st_mtime_ns) for n in before}
+    assert after == before
+
+
+def test_huge_learning_rate_diverges_cleanly(data, tmp_path):
+    """Guards the real path to NaN (not a patched loss): lr 1e30 blows up into a GptkitError."""
+    with pytest.raises(GptkitError, match="loss became"):
+        train(
+            tiny(
+                data,
+                tmp_path / "run",
+                lr=1e30,
+                min_lr=0.0,
+                warmup_steps=0,
+                max_steps=50,
+                grad_clip=0.0,
+                save_every=1,
+            ),
+            progress=False,
+        )
+    if (tmp_path / "run" / "train_state.pt").exists():  # any checkpoint kept is a finite one
+        weights = load_train_state(tmp_path / "run")["model"].values()
+        assert all(torch.isfinite(w).all() for w in weights)
+
+
+# --------------------------------------------------------------------------- user errors
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(max_steps=0), "--max-steps must be >= 1"),
+        (dict(batch_size=0), "--batch-size must be >= 1"),
+        (dict(grad_accum=0), "--grad-accum must be >= 1"),
+        (dict(lr=-1.0), "--lr must be"),
+        (dict(min_lr=1.0, lr=1e-3), "--min-lr <= --lr"),
+        (dict(beta2=1.0), "--beta2 must be in"),
+        (dict(device="tpu9"), "device"),
+        (dict(preset="gpt-9"), "unknown preset"),
+        (dict(n_head=3), "divisible"),
+        (dict(context_length=5000), "fewer than context_length"),
+        (dict(max_time=0.0), "--max-time"),
+    ],
+)
+def test_bad_options_are_one_line_errors(data, tmp_path, overrides, message):
+    """Guards option validation: each mistake is a one-line GptkitError, not a traceback."""
+    with pytest.raises(GptkitError, match=message) as e:
+        train(tiny(data, tmp_path / "run", **overrides), progress=False)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_missing_or_unprepared_data(tmp_path):
+    """Guards --data checks: a missing or half-prepared directory says to run prepare."""
+    with pytest.raises(GptkitError, match="gptkit prepare"):
+        train(tiny(tmp_path / "nowhere", tmp_path / "run"), progress=False)
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "train.bin").write_bytes(b"\0\0" * 100)
+    with pytest.raises(GptkitError, match="gptkit prepare"):
+        train(tiny(tmp_path / "half", tmp_path / "run"), progress=False)
+
+
+def test_val_split_too_short_for_evaluation(tmp_path):
+    """Guards evaluation on a tiny val split: a clear error suggesting --eval-every 0."""
+    data = fake_data(tmp_path / "d", n_val=10)
+    with pytest.raises(GptkitError, match="--eval-every 0"):
+        train(tiny(data, tmp_path / "run"), progress=False)
+    train(tiny(data, tmp_path / "run", eval_every=0, max_steps=2), progress=False)
+
+
+def test_fresh_run_never_overwrites_a_checkpoint(data, tmp_path):
+    """Guards against silent loss of a trained model: a new run into a used --out fails."""
+    run = train(tiny(data, tmp_path / "run", max_steps=3), progress=False)
+    before = (run / "model.safetensors").read_bytes()
+    with pytest.raises(GptkitError, match="--resume.*another --out"):
+        train(tiny(data, run, max_steps=3), progress=False)
+    assert (run / "model.safetensors").read_bytes() == before
+
+
+def test_resume_errors(data, tmp_path):
+    """Guards --resume checks: nothing to resume; other tokenizer; other vocabulary; other
+    context length; already finished."""
+    with pytest.raises(GptkitError, match="nothing to resume in"):
+        train(tiny(data, tmp_path / "empty", resume=True), progress=False)
+    run = train(tiny(data, tmp_path / "run", max_steps=3), progress=False)
+    other_vocab = fake_data(tmp_path / "v30", vocab_size=30)
+    with pytest.raises(GptkitError, match="tokenizer"):
+        train(tiny(other_vocab, run, max_steps=6, resume=True), progress=False)
+    same_tok = fake_data(tmp_path / "v30b", vocab_size=30)
+    (same_tok / "tokenizer.json").write_bytes((data / "tokenizer.json").read_bytes())
+    with pytest.raises(GptkitError, match="vocabulary of 30"):
+        train(tiny(same_tok, run, max_steps=6, resume=True), progress=False)
+    with pytest.raises(GptkitError, match="--context-length 8 differs"):
+        train(tiny(data, run, max_steps=6, context_length=8, resume=True), progress=False)
+    with pytest.raises(GptkitError, match="already at step 3"):
+        train(tiny(data, run, max_steps=3, resume=True), progress=False)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def spawn(cfg: TrainConfig) -> subprocess.Popen:
+    code = (
+        "import json, sys\n"
+        "from gptkit.config import TrainConfig\n"
+        "from gptkit.train import train\n"
+        "train(TrainConfig(**json.loads(sys.argv[1])), progress=False)\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code, json.dumps(cfg.to_dict())],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # see one_thread()
+    )
+
+
+def train_losses_so_far(run: Path) -> list[tuple[int, float]]:
+    """Like train_losses, but for a file being written: skips a torn last line."""
+    from gptkit.metrics import read_metrics
+
+    return [
+        (r["step"], r["train_loss"])
+        for r in read_metrics(run / "metrics.jsonl")
+        if "train_loss" in r
+    ]
+
+
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early: {proc.communicate()[1]}")
+        if any(s >= step for s, _ in train_losses_so_far(run)):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def test_sigterm_saves_and_says_how_to_resume(data, tmp_path):
+    """Guards graceful stop: SIGTERM finishes the step, saves, prints the resume command, and
+    exits 0; the saved run then resumes."""
+    run = tmp_path / "run"
+    proc = spawn(tiny(data, run, max_steps=100_000, eval_every=0))
+    wait_for_step(run, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "SIGTERM" in err and f"--out {run}" in err and "--resume" in err
+    step = load_train_state(run)["step"]
+    assert step >= 3
+    assert max(s for s, _ in train_losses(run)) == step
+    train(tiny(data, run, max_steps=step + 2, eval_every=0, resume=True), progress=False)
+    assert load_train_state(run)["step"] == step + 2
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_leaves_a_loadable_checkpoint(data, tmp_path):
+    """Guards atomicity under SIGKILL: with a checkpoint every step, killing the process at
+    random instants always leaves model.safetensors and train_state.pt loadable, and the
+    run resumes."""
+    rng = np.random.default_rng(0)
+    run = tmp_path / "run"
+    cfg = tiny(data, run, max_steps=100_000, save_every=1, eval_every=0)
+    for attempt in range(3):
+        proc = spawn(
+            cfg
+            if attempt == 0
+            else tiny(data, run, max_steps=100_000, save_every=1, eval_every=0, resume=True)
+        )
+        wait_for_step(run, 2 + attempt * 3, proc)
+        time.sleep(float(rng.uniform(0.0, 0.5)))
+        proc.kill()
+        proc.wait()
+        model = load_model(run)
+        state = load_train_state(run)
+        assert state["step"] >= 1 and set(model.state_dict()) >= set(state["model"])
+    step = load_train_state(run)["step"]
+    train(
+        tiny(data, run, max_steps=step + 1, save_every=1, eval_every=0, resume=True), progress=False
+    )
+    assert load_train_state(run)["step"] == step + 1
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]  # leftovers cleaned
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_and_saves_plain_names(data, tmp_path):
+    """Guards --compile: torch.compile's wrapper must not leak `_orig_mod.` into checkpoints."""
+    run = train(tiny(data, tmp_path / "run", compile=True, max_steps=3), progress=False)
+    assert all(not k.startswith("_orig_mod") for k in load_train_state(run)["model"])
+    load_model(run)
