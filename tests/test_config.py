@@ -75,7 +75,8 @@ def test_seed_preset_is_the_spec() -> None:
     """Guards the `seed` family losing one of the spec's choices."""
     cfg = GPTConfig.from_preset("seed")
     assert (cfg.positional, cfg.norm, cfg.activation) == ("sinusoidal", "post", "leaky_relu")
-    assert cfg.tie_embeddings and not cfg.attn_out_proj
+    assert cfg.tie_embeddings and not cfg.attn_out_proj and cfg.embed_scale
+    assert not GPTConfig.from_preset("gpt2").embed_scale
     assert (cfg.n_layer, cfg.d_model, cfg.n_head, cfg.head_dim) == (96, 12288, 96, 128)
     assert cfg.ffn_dim == 4 * 12288 and cfg.context_length == 2048
 

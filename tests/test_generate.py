@@ -48,6 +48,8 @@ def _lively_model(family: str, **overrides) -> GPT:
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 1.0)
+        if model.config.embed_scale:  # keep the scaled embedding at unit scale too
+            model.wte.weight.div_(model.config.d_model**0.5)
     return model
 
 

@@ -85,7 +85,7 @@ def test_seed_model_adds_sinusoids_to_embeddings() -> None:
     model.h[0].register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
     idx = torch.randint(0, 61, (1, 10))
     model(idx)
-    expected = model.wte.weight[idx[0]] + sinusoidal_positions(32, 32)[:10]
+    expected = model.wte.weight[idx[0]] * math.sqrt(32) + sinusoidal_positions(32, 32)[:10]
     torch.testing.assert_close(seen["x"][0], expected)
 
 

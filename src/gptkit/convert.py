@@ -97,6 +97,8 @@ def config_to_hf(config: GPTConfig, eot_id: int | None = None) -> dict[str, Any]
         reasons.append("its unembedding is not tied to the embedding")
     if not config.bias:
         reasons.append("it has no biases")
+    if config.embed_scale:
+        reasons.append("it scales its token embeddings by sqrt(d_model)")
     if reasons:
         raise GptkitError("cannot export to Hugging Face GPT-2: " + "; ".join(reasons))
     hf: dict[str, Any] = {

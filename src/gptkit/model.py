@@ -286,6 +286,8 @@ class GPT(nn.Module):
             raise ValueError(f"KV cache of {kv_cache.max_len} positions is full")
         # 1. token embedding plus position vector
         x = self.wte(idx)  # (B, T, C)
+        if self.config.embed_scale:
+            x = x * math.sqrt(self.config.d_model)
         if self.config.positional == "learned":
             x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
         else:
