@@ -13,7 +13,11 @@ recipe of nanoGPT's `shakespeare_char` at a CPU size. Reported:
   get_batch with torch.stack, forward, F.cross_entropy, backward, clip, AdamW) as the
   tokens/s baseline;
 - the `seed` variant (spec: sinusoidal positions, post-LN, leaky ReLU, no attention output
-  projection) at the same size.
+  projection) at the same size;
+- an interleaved speed test: gptkit's training step and the plain step timed in
+  alternating 50-step chunks (`--rounds` of each), so that both see the same machine load.
+  On a shared machine this ratio is the number to trust; the sequential runs' tokens/s
+  can be minutes and several load levels apart.
 
     .venv/bin/python benchmarks/train_shakespeare.py
     .venv/bin/python benchmarks/train_shakespeare.py --variant gpt2 --steps 300 --no-compile
@@ -47,7 +51,7 @@ from gptkit.config import GPTConfig, TrainConfig
 from gptkit.data import load_meta, open_split, prepare
 from gptkit.fileio import atomic_write_json
 from gptkit.model import GPT
-from gptkit.train import evaluate_full, train
+from gptkit.train import evaluate_full, lr_at, setup, train, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -80,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="train gptkit's runs with --compile (default: on)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=6, help="interleaved speed rounds (0 skips them)"
     )
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out"), help="work directory")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON here")
@@ -143,59 +150,104 @@ def plain_lr(it: int, steps: int) -> float:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
 
-def run_plain(data: Path, steps: int) -> dict[str, Any]:
+class PlainLoop:
     """A straightforward nanoGPT-like eager loop of the gpt2 variant: the baseline."""
-    meta = load_meta(data)
-    B, T = RECIPE["batch_size"], MODEL["context_length"]
-    torch.manual_seed(RECIPE["seed"])
-    model = GPT(GPTConfig.from_preset("gpt2", vocab_size=meta["vocab_size"], **MODEL))
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": RECIPE["weight_decay"]},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=RECIPE["lr"],
-        betas=(RECIPE["beta1"], RECIPE["beta2"]),
-    )
-    dtype = np.uint16 if meta["dtype"] == "uint16" else np.uint32
 
-    def get_batch() -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = np.memmap(data / "train.bin", dtype=dtype, mode="r")
-        ix = torch.randint(len(tokens) - T, (B,))
+    def __init__(self, data: Path, steps: int) -> None:
+        meta = load_meta(data)
+        self.data, self.steps = data, steps
+        self.B, self.T = RECIPE["batch_size"], MODEL["context_length"]
+        self.dtype = np.uint16 if meta["dtype"] == "uint16" else np.uint32
+        torch.manual_seed(RECIPE["seed"])
+        self.model = GPT(GPTConfig.from_preset("gpt2", vocab_size=meta["vocab_size"], **MODEL))
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": RECIPE["weight_decay"]},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=RECIPE["lr"],
+            betas=(RECIPE["beta1"], RECIPE["beta2"]),
+        )
+
+    def get_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = np.memmap(self.data / "train.bin", dtype=self.dtype, mode="r")
+        T = self.T
+        ix = torch.randint(len(tokens) - T, (self.B,))
         x = torch.stack([torch.from_numpy(tokens[i : i + T].astype(np.int64)) for i in ix])
         y = torch.stack([torch.from_numpy(tokens[i + 1 : i + 1 + T].astype(np.int64)) for i in ix])
         return x, y
 
+    def step(self, it: int) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = plain_lr(it, self.steps)
+        x, y = self.get_batch()
+        logits = self.model(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), RECIPE["grad_clip"])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if it % 10 == 0:
+            loss.item()  # nanoGPT reads the loss every log interval
+
+
+def run_plain(data: Path, steps: int) -> dict[str, Any]:
+    """The baseline trained from scratch: timings and whole-split val loss."""
+    loop = PlainLoop(data, steps)
     load = os.getloadavg()[0]
     start = window_start = time.perf_counter()
     speeds = []
     for it in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = plain_lr(it, steps)
-        x, y = get_batch()
-        logits = model(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), RECIPE["grad_clip"])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if it % 10 == 0:
-            loss.item()  # nanoGPT reads the loss every log interval
+        loop.step(it)
         if (it + 1) % WINDOW == 0:
             now = time.perf_counter()
-            speeds.append(WINDOW * B * T / (now - window_start))
+            speeds.append(WINDOW * loop.B * loop.T / (now - window_start))
             window_start = now
     wall = time.perf_counter() - start
     return {
         "run": "plain PyTorch loop (gpt2, eager)",
         "variant": "gpt2",
-        "val_loss": evaluate_full(model, open_split(data, "val"), EVAL_BATCH, T),
+        "val_loss": evaluate_full(loop.model, open_split(data, "val"), EVAL_BATCH, loop.T),
         "tokens_per_sec": statistics.median(speeds[1:]),
         "wall_s": wall,
         "load_before": load,
         "load_after": os.getloadavg()[0],
+    }
+
+
+def interleaved_speed(data: Path, work: Path, compile: bool, rounds: int) -> dict[str, Any]:
+    """tokens/s of gptkit's step and the plain step, timed in alternating 50-step chunks.
+
+    Sequential runs minutes apart see different machine load; alternating chunks share it,
+    so the median per-round ratio is the fairer comparison on a shared machine.
+    """
+    out = work / "run-speed"
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = TrainConfig(
+        data=str(data), out=str(out), preset="gpt2", **MODEL, **RECIPE, compile=compile
+    )
+    run, plain = setup(cfg), PlainLoop(data, cfg.max_steps)
+    ours = {"step": lambda it: train_step(run, lr_at(it + 1, cfg)), "times": []}
+    base = {"step": plain.step, "times": []}
+    for side in (ours, base):  # warm-up (compilation, allocator)
+        for it in range(20):
+            side["step"](it)
+    for r in range(rounds):
+        for side in (ours, base) if r % 2 == 0 else (base, ours):
+            start = time.perf_counter()
+            for it in range(WINDOW):
+                side["step"](20 + r * WINDOW + it)
+            side["times"].append(time.perf_counter() - start)
+    tokens = WINDOW * plain.B * plain.T
+    ratios = [b / o for o, b in zip(ours["times"], base["times"], strict=True)]
+    return {
+        "gptkit_tokens_per_sec": tokens / statistics.median(ours["times"]),
+        "plain_tokens_per_sec": tokens / statistics.median(base["times"]),
+        "median_ratio": statistics.median(ratios),
+        "ratios": ratios,
+        "compile": compile,
     }
 
 
@@ -230,13 +282,26 @@ def main(argv: list[str] | None = None) -> None:
         if variant == "gpt2" and not args.skip_baseline:
             results.append(run_plain(data, args.steps))
             print(f"done: {results[-1]['run']}", file=sys.stderr)
+    speed = None
+    if not args.skip_baseline and args.rounds > 0:
+        speed = interleaved_speed(data, work, args.compile, args.rounds)
     env = (
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, {platform.machine()}"
     )
     print(f"\n{env}\n\n{table(results, args.steps)}")
+    if speed is not None:
+        print(
+            f"\ninterleaved {WINDOW}-step chunks, {args.rounds} rounds: gptkit "
+            f"{speed['gptkit_tokens_per_sec']:,.0f} tok/s, plain "
+            f"{speed['plain_tokens_per_sec']:,.0f} tok/s, median ratio "
+            f"{speed['median_ratio']:.2f}x (per round: "
+            f"{', '.join(f'{r:.2f}' for r in speed['ratios'])})"
+        )
     if args.json:
-        atomic_write_json(args.json, {"steps": args.steps, "env": env, "results": results})
+        atomic_write_json(
+            args.json, {"steps": args.steps, "env": env, "results": results, "interleaved": speed}
+        )
 
 
 if __name__ == "__main__":

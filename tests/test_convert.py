@@ -173,6 +173,7 @@ def test_config_round_trip() -> None:
         (dict(attn_out_proj=False), "output projection"),
         (dict(tie_embeddings=False), "tied"),
         (dict(bias=False), "biases"),
+        (dict(embed_scale=True), "sqrt"),
     ],
 )
 def test_config_to_hf_refuses_what_gpt2_cannot_represent(override: dict, reason: str) -> None:

@@ -326,9 +326,10 @@ def test_resume_command_reproduces_the_options(data, tmp_path):
     import shlex
 
     from gptkit.cli import build_parser
+    from gptkit.rundir import resume_command
 
     cfg = tiny(data, tmp_path / "my run", compile=True, max_time=30.0, dtype="bfloat16")
-    command = train_mod.resume_command(cfg)
+    command = resume_command(cfg)
     args = vars(build_parser().parse_args(shlex.split(command)[1:]))
     args = {k: v for k, v in args.items() if k not in ("_fn", "command")}
     assert TrainConfig(**args) == dataclasses.replace(cfg, resume=True)

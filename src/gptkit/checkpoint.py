@@ -13,10 +13,10 @@ Usage:
     >>> model, tokenizer = load("runs/demo")        # also `gptkit.load`
     >>> model = load_model("runs/demo", device="cuda", dtype=torch.bfloat16)
 
-`train_state.pt` carries its own copy of the weights: `model.safetensors` and
-`train_state.pt` are renamed one after the other, so a kill between the two renames could
-leave them from different steps. Resuming reads `train_state.pt` alone and is therefore
-always self-consistent; `model.safetensors` is always some complete checkpoint.
+Files are replaced one at a time, so a kill between two renames can leave them from
+different saves. Hence: `train_state.pt` carries its own copy of the weights and resuming
+reads it alone; `model.safetensors` carries a copy of its config in its metadata, which
+`load_model` trusts over a stale config.json. Every file on disk is always complete.
 """
 
 from __future__ import annotations

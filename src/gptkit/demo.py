@@ -15,7 +15,8 @@ from pathlib import Path
 # Test suites, IDLE and demos are skipped: they are large and unlike ordinary modules.
 _SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip"}
 # A seed-family model small enough to learn visibly in minutes on two CPU cores.
-DEMO_MODEL = dict(n_layer=4, n_head=4, d_model=128, context_length=128)
+DEMO_MODEL = dict(n_layer=4, n_head=4, d_model=128, context_length=256)
+_SAMPLE_TOKENS = 250  # within the context, so every step uses the KV cache
 _SAMPLE_SECONDS = 30  # kept back from the budget for sampling
 
 
@@ -61,7 +62,7 @@ def run_demo(data: str | None, out: str, minutes: float, seed: int) -> Path:
             out=str(run_dir),
             preset="seed-tiny",
             **DEMO_MODEL,
-            batch_size=16,
+            batch_size=8,
             lr=2e-3,
             min_lr=2e-4,
             warmup_steps=100,
@@ -91,7 +92,9 @@ def _print_samples(run_dir: Path, prompts: list[str], seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     for prompt in prompts:
         print(f"\n{'=' * 30} sample {'=' * 30}\n{prompt}", end="", flush=True)
-        for piece in stream_text(model, tokenizer, prompt, 400, 0.8, 40, None, generator):
+        for piece in stream_text(
+            model, tokenizer, prompt, _SAMPLE_TOKENS, 0.8, 40, None, generator
+        ):
             print(piece, end="", flush=True)
         print()
     print(f"\nmore: gptkit sample {run_dir} --prompt 'def ' --max-new-tokens 500")

@@ -18,9 +18,7 @@ at once (the last checkpoint stays intact: every write is atomic).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-import shlex
 import signal
 import sys
 import threading
@@ -38,57 +36,23 @@ from torch import nn
 from gptkit import checkpoint as ckpt
 from gptkit.config import GPTConfig, TrainConfig
 from gptkit.errors import GptkitError
-from gptkit.fileio import atomic_write_bytes, atomic_write_json
-from gptkit.metrics import METRICS_FILE, PLOT_FILE, MetricsLog, plot_losses
+from gptkit.metrics import METRICS_FILE, MetricsLog, plot_losses
 from gptkit.model import GPT
+from gptkit.rundir import (
+    changed_options,
+    check_data_fits,
+    check_fresh_dir,
+    check_resumable,
+    check_train_config,
+    open_data,
+    resume_command,
+    start_run_dir,
+)
 
 STATE_VERSION = 1
-RUN_FILES = (
-    ckpt.CONFIG_FILE,
-    ckpt.TRAIN_CONFIG_FILE,
-    ckpt.TOKENIZER_FILE,
-    ckpt.WEIGHTS_FILE,
-    ckpt.TRAIN_STATE_FILE,
-)
 
 
 # --------------------------------------------------------------------------- configuration
-
-
-def check_train_config(cfg: TrainConfig) -> None:
-    """GptkitError for option values no run can use."""
-    at_least = {
-        "batch_size": 1,
-        "grad_accum": 1,
-        "max_steps": 1,
-        "log_every": 1,
-        "eval_steps": 1,
-        "warmup_steps": 0,
-        "eval_every": 0,
-        "save_every": 0,
-    }
-    for name, low in at_least.items():
-        if getattr(cfg, name) < low:
-            raise GptkitError(
-                f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}"
-            )
-    for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
-        value = getattr(cfg, name)
-        if not (math.isfinite(value) and value >= 0):
-            raise GptkitError(
-                f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}"
-            )
-    if cfg.lr <= 0 or cfg.min_lr > cfg.lr:
-        raise GptkitError(f"need 0 < --min-lr <= --lr, got lr {cfg.lr} and min-lr {cfg.min_lr}")
-    for name in ("beta1", "beta2"):
-        if not 0 <= getattr(cfg, name) < 1:
-            raise GptkitError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
-    if cfg.max_time is not None and not cfg.max_time > 0:
-        raise GptkitError(f"--max-time must be > 0 seconds, got {cfg.max_time}")
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise GptkitError(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
-    if not cfg.data:
-        raise GptkitError("--data is required: a directory made by `gptkit prepare`")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -219,84 +183,7 @@ def resume_run(run: Run, state: dict[str, Any]) -> None:
     run.elapsed_before = state["elapsed"]
 
 
-# --------------------------------------------------------------------------- data and run dir
-
-
-def open_data(cfg: TrainConfig) -> tuple[dict[str, Any], np.ndarray, np.ndarray, dict[str, Any]]:
-    """(meta, train tokens, val tokens, tokenizer json) of the prepared directory `cfg.data`."""
-    from gptkit.data import load_meta, open_split
-
-    meta = load_meta(cfg.data)
-    train_tokens, val_tokens = open_split(cfg.data, "train"), open_split(cfg.data, "val")
-    tokenizer = ckpt.read_json(Path(cfg.data) / ckpt.TOKENIZER_FILE, "data tokenizer")
-    return meta, train_tokens, val_tokens, tokenizer
-
-
-def check_data_fits(cfg: TrainConfig, context_length: int, train_n: int, val_n: int) -> None:
-    if train_n < context_length + 1:
-        raise GptkitError(
-            f"the train split of {cfg.data} has {train_n} tokens, fewer than context_length "
-            f"+ 1 = {context_length + 1}; use a shorter --context-length or more data"
-        )
-    if cfg.eval_every and val_n < context_length + 1:
-        raise GptkitError(
-            f"the val split of {cfg.data} has {val_n} tokens, fewer than context_length + 1 = "
-            f"{context_length + 1}; use a shorter --context-length, more data or --eval-every 0"
-        )
-
-
-def check_fresh_dir(run_dir: Path) -> None:
-    """Never overwrite a checkpoint by starting a new run on top of it."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise GptkitError(f"--out {run_dir} exists and is not a directory")
-    for name in (ckpt.TRAIN_STATE_FILE, ckpt.WEIGHTS_FILE):
-        if (run_dir / name).exists():
-            raise GptkitError(
-                f"{run_dir} already holds a checkpoint; pass --resume to continue it "
-                "or choose another --out"
-            )
-
-
-def check_resumable(
-    cfg: TrainConfig, run_dir: Path, meta: dict, tokenizer: dict, state: dict
-) -> None:
-    """The data and options given on --resume must be those the run was trained with."""
-    run_tok = ckpt.read_json(run_dir / ckpt.TOKENIZER_FILE, "run tokenizer")
-    if run_tok != tokenizer:
-        kinds = f"{tokenizer.get('kind')!r} vs the run's {run_tok.get('kind')!r}"
-        raise GptkitError(
-            f"the tokenizer of {cfg.data} differs from the one {run_dir} was trained with "
-            f"({kinds}); resume with the run's data or start a new --out"
-        )
-    config = state["model_config"]
-    if meta["vocab_size"] != config["vocab_size"]:
-        raise GptkitError(
-            f"{cfg.data} has a vocabulary of {meta['vocab_size']} but {run_dir} was trained "
-            f"with {config['vocab_size']}; resume with the run's data or start a new --out"
-        )
-    for name, value in cfg.model_overrides().items():
-        if value != config[name]:
-            raise GptkitError(
-                f"--{name.replace('_', '-')} {value} differs from the run's {config[name]}; "
-                "a resumed run keeps its model (drop the option or start a new --out)"
-            )
-    if state["step"] >= cfg.max_steps:
-        raise GptkitError(
-            f"{run_dir} is already at step {state['step']} of --max-steps {cfg.max_steps}; "
-            "raise --max-steps to train further"
-        )
-
-
-def start_run_dir(cfg: TrainConfig, run_dir: Path, config: GPTConfig) -> None:
-    """config.json, train_config.json and the data's tokenizer.json, before the first step."""
-    # A kill -9 mid-write leaves the atomic writer's temporary file behind; sweep them.
-    for name in (*RUN_FILES, METRICS_FILE, PLOT_FILE):
-        for tmp in run_dir.glob(f".{name}.*.tmp"):
-            tmp.unlink(missing_ok=True)
-    atomic_write_json(run_dir / ckpt.CONFIG_FILE, config.to_dict())
-    atomic_write_json(run_dir / ckpt.TRAIN_CONFIG_FILE, cfg.to_dict())
-    tok_bytes = (Path(cfg.data) / ckpt.TOKENIZER_FILE).read_bytes()
-    atomic_write_bytes(run_dir / ckpt.TOKENIZER_FILE, tok_bytes)
+# --------------------------------------------------------------------------- setup
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -515,35 +402,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             file=sys.stderr,
         )
     return run.run_dir
-
-
-def resume_command(cfg: TrainConfig) -> str:
-    """The `gptkit train` command line that continues this run with the same options.
-
-    Resuming takes the model from the checkpoint but the training options (lr, max_steps,
-    ...) from the command line, so every option that differs from its default is repeated.
-    """
-    parts = ["gptkit", "train"]
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if f.name == "resume" or (f.name not in ("data", "out") and value == f.default):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            parts.append(flag if value else "--no-" + flag[2:])
-        else:
-            parts += [flag, shlex.quote(str(value))]
-    return " ".join([*parts, "--resume"])
-
-
-def changed_options(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
-    """Training options of a resumed run that differ from the ones it was saved with."""
-    ignore = {"data", "out", "resume"}
-    return [
-        f"--{k.replace('_', '-')} {saved[k]} -> {v}"
-        for k, v in cfg.to_dict().items()
-        if k not in ignore and k in saved and saved[k] != v
-    ]
 
 
 def loop(run: Run, metrics: MetricsLog, stop: StopFlag, progress: bool) -> str:
