@@ -29,15 +29,18 @@ def _temp_file(path: Path) -> tuple[int, str]:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """Open a temporary binary file that replaces `path` only if the block succeeds."""
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary file name; when the block succeeds, that file (fsynced) replaces `path`.
+
+    For writers that insist on a file name (safetensors, torch.save, savefig).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _temp_file(path)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -45,6 +48,13 @@ def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Open a temporary binary file that replaces `path` only if the block succeeds."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        yield f
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -61,21 +71,9 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def atomic_write_with(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """For writers that insist on a file name (safetensors, torch.save, savefig)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temp_file(path)
-    os.close(fd)
-    try:
+    """Call `write(temporary_name)`, then move the result over `path` atomically."""
+    with atomic_path(path) as tmp:
         write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _fsync_dir(directory: Path) -> None:
