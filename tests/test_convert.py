@@ -17,16 +17,6 @@ from gptkit.model import GPT
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and a busy shared CPU cannot stall them in
-    OpenMP barriers (two threads made these tests ~5x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 HF_SHAPES = [
     dict(n_layer=2, n_head=2, n_embd=64, n_positions=32, vocab_size=101),
     dict(n_layer=2, n_head=4, n_embd=96, n_positions=48, vocab_size=257, n_inner=160),

@@ -26,16 +26,6 @@ from gptkit.model import GPT, KVCache
 FAMILIES = ["seed", "gpt2"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and a busy shared CPU cannot stall them in
-    OpenMP barriers (two threads made these tests ~5x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _lively_model(family: str, **overrides) -> GPT:
     """A tiny random GPT whose greedy output does not collapse into repeating one token.
 

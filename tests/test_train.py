@@ -97,16 +97,6 @@ def data(tmp_path: Path) -> Path:
     return fake_data(tmp_path / "data")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine OpenMP
-    threads waiting for a descheduled partner make every op ~30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------- pure pieces
 
 
@@ -473,7 +463,7 @@ def spawn(cfg: TrainConfig) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},  # see one_thread()
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # see conftest._one_thread
     )
 
 
