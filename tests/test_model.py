@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 
-from gptkit.model import GPT, KVCache, causal_mask, reference_attention, sinusoidal_positions
+from gptkit.model import (
+    GPT,
+    KVCache,
+    causal_mask,
+    gelu_tanh_sigmoid,
+    reference_attention,
+    sinusoidal_positions,
+)
 
 FAMILIES = ["seed", "gpt2"]
 
@@ -154,6 +161,17 @@ def test_leaky_relu_and_gelu_rectifiers() -> None:
         torch.testing.assert_close(mlp(x), mlp.c_proj(fn(mlp.c_fc(x))))
 
 
+def test_gelu_sigmoid_spelling_equals_tanh_gelu() -> None:
+    """Guards the compiled path's GELU: x * sigmoid(2u) must be GPT-2's tanh GELU, with grads."""
+    x = torch.linspace(-12, 12, 20001, dtype=torch.float64, requires_grad=True)
+    ref = F.gelu(x, approximate="tanh")
+    ours = gelu_tanh_sigmoid(x)
+    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
+    (g_ref,) = torch.autograd.grad(ref.sum(), x)
+    (g_ours,) = torch.autograd.grad(ours.sum(), x)
+    torch.testing.assert_close(g_ours, g_ref, atol=1e-12, rtol=1e-12)
+
+
 def test_residual_init_is_scaled() -> None:
     """Guards GPT-2's init: residual projections use std 0.02 / sqrt(2 * n_layer)."""
     model = GPT(tiny_config("gpt2", d_model=256, n_head=4, n_layer=8))
@@ -184,3 +202,16 @@ def test_context_overflow_is_an_error() -> None:
     model(torch.zeros(1, 8, dtype=torch.long), cache)
     with pytest.raises(ValueError, match="full"):
         model(torch.zeros(1, 1, dtype=torch.long), cache)
+
+
+@pytest.mark.slow
+def test_compiled_model_equals_eager() -> None:
+    """Guards the compile-only spellings (GELU as sigmoid): compiled logits and grads = eager."""
+    model = GPT(tiny_config("gpt2"))
+    idx = torch.randint(0, 61, (2, 16))
+    eager = model(idx)
+    (g_eager,) = torch.autograd.grad(eager.square().mean(), model.h[0].mlp.c_fc.weight)
+    compiled = torch.compile(model)(idx)
+    (g_comp,) = torch.autograd.grad(compiled.square().mean(), model.h[0].mlp.c_fc.weight)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_comp, g_eager, atol=1e-5, rtol=1e-5)
