@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from gptkit.cli import main
@@ -25,6 +26,11 @@ def test_demo_on_user_text(tmp_path: Path, capsys) -> None:
     assert main(["demo", "--data", str(corpus), "--out", str(run), "--minutes", "0.2"]) == 0
     out = capsys.readouterr().out
     assert "sample" in out and (run / "model.safetensors").exists()
+    # The schedule is sized to the budget (timed steps), not left at a huge max_steps that
+    # the time limit cuts off before the learning rate ever decays.
+    train_cfg = json.loads((run / "train_config.json").read_text())
+    assert 20 <= train_cfg["max_steps"] < 10_000
+    assert train_cfg["warmup_steps"] <= train_cfg["max_steps"] // 10
     # A second demo run samples the existing model instead of retraining it.
     assert main(["demo", "--data", str(corpus), "--out", str(run), "--minutes", "0.2"]) == 0
     assert "already holds a trained demo model" in capsys.readouterr().err

@@ -18,6 +18,8 @@ _SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip"}
 DEMO_MODEL = dict(n_layer=4, n_head=4, d_model=128, context_length=256)
 _SAMPLE_TOKENS = 250  # within the context, so every step uses the KV cache
 _SAMPLE_SECONDS = 30  # kept back from the budget for sampling
+_BATCH_SIZE = 8
+_TIMED_STEPS = 6  # steps timed (after 2 untimed) to size the schedule to the budget
 
 
 def demo_sources() -> list[Path]:
@@ -50,8 +52,10 @@ def run_demo(data: str | None, out: str, minutes: float, seed: int) -> Path:
         errors = "replace" if data is None else "strict"  # a few stdlib files are not UTF-8
         progress = sys.stderr.isatty()
         prepare(inputs, str(data_dir), "char", None, 0.05, errors, progress=progress)
-        # 2. train for what is left of the budget
+        # 2. train for what is left of the budget: time a few steps first, so that the
+        # cosine schedule can decay to its floor just as the budget runs out
         budget = minutes * 60 - (time.monotonic() - start) - _SAMPLE_SECONDS
+        steps = _steps_within(max(budget, 10.0), data_dir, batch_size=_BATCH_SIZE, seed=seed)
         print(
             f"training a {DEMO_MODEL['n_layer']}-layer seed-family GPT for "
             f"{budget / 60:.1f} minutes ...",
@@ -62,12 +66,12 @@ def run_demo(data: str | None, out: str, minutes: float, seed: int) -> Path:
             out=str(run_dir),
             preset="seed-tiny",
             **DEMO_MODEL,
-            batch_size=8,
+            batch_size=_BATCH_SIZE,
             lr=2e-3,
             min_lr=2e-4,
-            warmup_steps=100,
-            max_steps=100_000,
-            max_time=max(budget, 10.0),
+            warmup_steps=min(100, steps // 10),
+            max_steps=steps,
+            max_time=max(budget, 10.0),  # the safety stop if the machine slows down
             eval_every=500,
             eval_steps=10,
             save_every=1000,
@@ -80,6 +84,40 @@ def run_demo(data: str | None, out: str, minutes: float, seed: int) -> Path:
         run_dir, prompts=["def ", "class ", "import "] if data is None else [""], seed=seed
     )
     return run_dir
+
+
+def _steps_within(seconds: float, data_dir: Path, batch_size: int, seed: int) -> int:
+    """How many training steps of the demo model fit in `seconds` on this machine.
+
+    Times a few optimizer steps of a throwaway copy of the model on random tokens; 10%
+    is kept back for evaluation and checkpoints. At least 20 steps.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from gptkit.config import GPTConfig
+    from gptkit.data import load_meta
+    from gptkit.model import GPT
+
+    vocab = load_meta(data_dir)["vocab_size"]
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig.from_preset("seed-tiny", vocab_size=vocab, **DEMO_MODEL))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, vocab, (batch_size, DEMO_MODEL["context_length"]))
+
+    def step() -> None:
+        loss = F.cross_entropy(model(x).flatten(0, 1), x.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    start = time.perf_counter()
+    for _ in range(_TIMED_STEPS):
+        step()
+    per_step = (time.perf_counter() - start) / _TIMED_STEPS
+    return max(20, int(0.9 * seconds / per_step))
 
 
 def _print_samples(run_dir: Path, prompts: list[str], seed: int) -> None:
