@@ -197,7 +197,7 @@ def _broken_dirs(root: Path) -> dict[str, tuple[Path, str]]:
     cases = {}
     for name, edit, needle in [
         ("llama", {"model_type": "llama"}, "model_type 'llama'"),
-        ("erf_gelu", {"activation_function": "gelu"}, "activation 'gelu'"),
+        ("erf_gelu", {"activation_function": "gelu"}, "activation_function 'gelu'"),
         ("inverse_idx", {"scale_attn_by_inverse_layer_idx": True}, "inverse_layer_idx"),
     ]:
         d = root / name
@@ -234,3 +234,18 @@ def test_conversion_errors_are_one_line(capsys, tmp_path: Path) -> None:
     assert_one_line_error(code, err, "already a Hugging Face")
     code, _, err = run_cli(capsys, "convert", ours, ours, "--to", "hf")
     assert_one_line_error(code, err, "must differ")
+    code, _, err = run_cli(capsys, "convert", tmp_path / "good", ours)
+    assert_one_line_error(code, err, "already holds a model")
+
+
+def test_sharded_safetensors_import(tmp_path: Path) -> None:
+    """Guards refusing (or half-reading) what save_pretrained writes for models past 5 GB."""
+    hf = _hf_model(SHAPES[1])
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    convert_dir(tmp_path / "hf", tmp_path / "ours", "gptkit")
+    idx = torch.randint(0, SHAPES[1]["vocab_size"], (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load_model(tmp_path / "ours")(idx), hf(idx).logits, atol=1e-4, rtol=0
+        )

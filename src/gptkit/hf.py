@@ -242,6 +242,8 @@ def convert_dir(src: str | os.PathLike, out: str | os.PathLike, to: str) -> str:
         raise GptkitError("OUT must differ from SRC: converting in place would mix both formats")
     if out.exists() and not out.is_dir():
         raise GptkitError(f"output {out} exists and is not a directory")
+    if (out / CONFIG_FILE).exists():  # overwriting a run dir's config would break the run
+        raise GptkitError(f"{out} already holds a model ({CONFIG_FILE}); choose a new directory")
     if to == "gptkit":
         if not is_hf_dir(src):
             raise GptkitError(
