@@ -271,3 +271,98 @@ def test_load_corrupt_tokenizer_names_the_path(tmp_path, content):
     path.write_text(content)
     with pytest.raises(GptkitError, match="tokenizer.json"):
         load_tokenizer(path)
+
+
+# --------------------------------------------------------------------------- gpt2 vs tiktoken
+
+
+@functools.cache
+def tiktoken_gpt2_reference():
+    """tiktoken's own GPT-2 recipe (tiktoken_ext.openai_public.gpt2) on the local files.
+
+    Independent of gptkit's builder: the ranks come from the merges in vocab.bpe (checked by
+    tiktoken against encoder.json), the regex is tiktoken's spelling of GPT-2's pattern.
+    """
+    import os
+    from unittest import mock
+
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    data = tk._gpt2_data_dir()
+    with mock.patch.dict(os.environ, {"TIKTOKEN_CACHE_DIR": ""}):  # "": no cache written
+        ranks = data_gym_to_mergeable_bpe_ranks(
+            vocab_bpe_file=str(data / "vocab.bpe"),
+            encoder_json_file=str(data / "encoder.json"),
+            vocab_bpe_hash=tk.GPT2_SHA256["vocab.bpe"],
+            encoder_json_hash=tk.GPT2_SHA256["encoder.json"],
+        )
+    return tiktoken.Encoding(
+        name="gpt2-reference",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": 50256},
+        explicit_n_vocab=50257,
+    )
+
+
+PARITY_TEXTS = [
+    *EXAMPLES,
+    "Ça m'a coûté 3,50 € à Zürich; señor Øyvind naïvely façade-d",
+    "中文测试：你好，世界！한국어 텍스트 日本語のテキスト",
+    "🤖🚀✨ 🇫🇷🇯🇵 👍🏽 emoji sequences",
+    "a    b\t\t\tc\n\n\n\nd \n \n e      \n",
+    "def f(x):\n\treturn {'k': [x ** 2 for _ in range(10)]}  # \\u00e9\n",
+    "if (a && b || !c) { x->y[0] += 0x1F; } // done\r\n",
+    "<|endoftext|>",
+    "two<|endoftext|><|endoftext|>in a row, and <|endoftext at the end",
+    " <|endoftext|>\n<|endoftext|> spaced",
+]
+
+
+@pytest.mark.parametrize("text", PARITY_TEXTS)
+def test_gpt2_matches_tiktoken_with_endoftext_disallowed(text):
+    """Guards drift from tiktoken's GPT-2 on accents, CJK, emoji, whitespace runs and code,
+    and "<|endoftext|>" in user text becoming id 50256 (a forged document boundary)."""
+    ids = gpt2().encode(text)
+    assert ids == tiktoken_gpt2_reference().encode(text, disallowed_special=())
+    assert ids == tiktoken_gpt2_reference().encode_ordinary(text)
+    assert 50256 not in ids
+
+
+@pytest.mark.parametrize("text", PARITY_TEXTS)
+def test_gpt2_encode_with_eot_matches_tiktoken_allowed_special(text):
+    """Guards the explicit special-token path: each literal "<|endoftext|>" -> id 50256."""
+    ids = gpt2().encode_with_eot(text)
+    assert ids == tiktoken_gpt2_reference().encode(text, allowed_special={"<|endoftext|>"})
+    assert ids.count(50256) == text.count("<|endoftext|>")
+    assert gpt2().decode(ids) == text
+
+
+def test_encode_with_eot_for_every_kind():
+    """Guards the end-of-text marker being split into characters by the char and bpe kinds."""
+    for kind in ("char", "bpe"):
+        tok = make(kind)
+        ids = tok.encode_with_eot("ab<|endoftext|>ba")
+        assert ids == [*tok.encode("ab"), tok.eot_id, *tok.encode("ba")]
+
+
+# User text with the marker and its fragments mixed in.
+text_with_markers = st.lists(
+    st.one_of(wild_text, st.sampled_from(["<|endoftext|>", "<|", "|>", "endoftext", " \n"])),
+    max_size=6,
+).map("".join)
+
+
+@settings(max_examples=150, deadline=None)
+@given(text_with_markers)
+def test_gpt2_property_matches_tiktoken_and_round_trips(text):
+    """Guards divergence from tiktoken or lossy encoding on arbitrary text, markers included."""
+    ref = tiktoken_gpt2_reference()
+    ids = gpt2().encode(text)
+    assert ids == ref.encode(text, disallowed_special=())
+    assert gpt2().decode(ids) == text
+    special = gpt2().encode_with_eot(text)
+    assert special == ref.encode(text, allowed_special={"<|endoftext|>"})
+    assert gpt2().decode(special) == text

@@ -3,6 +3,8 @@
     gptkit prepare INPUT... --out DIR --tokenizer gpt2|char|bpe
     gptkit train --data DIR --out RUN [--preset NAME] [...]
     gptkit sample RUN --prompt TEXT
+    gptkit convert SRC OUT [--to gptkit|hf]
+    gptkit eval MODEL FILE... [--stride S] [--batch-size B] [--context-length N]
     gptkit demo
     gptkit presets
 
@@ -83,7 +85,7 @@ def sample(
     """Generate text from a trained model, streamed to stdout as it is produced.
 
     Args:
-        run: run or model directory (config.json, model.safetensors, tokenizer.json)
+        run: run or model directory, or a Hugging Face GPT-2 directory
         prompt: text to continue (empty: start from end-of-text)
         max_new_tokens: tokens to generate per sample (fewer if end-of-text comes first)
         temperature: divide the logits by this; 0 picks the most likely token
@@ -95,8 +97,8 @@ def sample(
     """
     import torch
 
-    from gptkit.checkpoint import load
     from gptkit.generate import stream_text, validate_sampling
+    from gptkit.hf import load  # gptkit or Hugging Face directories
 
     validate_sampling(max_new_tokens, temperature, top_k, top_p)
     if num_samples < 1:
@@ -115,6 +117,50 @@ def sample(
             sys.stdout.flush()
         sys.stdout.write("\n")
     sys.stdout.flush()
+
+
+def convert(src: str, out: str, to: Literal["gptkit", "hf"] = "gptkit") -> None:
+    """Convert a Hugging Face GPT-2 directory to a gptkit model directory, or back.
+
+    Args:
+        src: Hugging Face GPT-2 directory (with --to hf: a gptkit model or run directory)
+        out: directory to write the converted model into
+        to: gptkit (import a Hugging Face model) or hf (export a gpt2-family gptkit model)
+    """
+    from gptkit.hf import convert_dir
+
+    note = convert_dir(src, out, to)
+    print(f"wrote {out}; {note}")
+
+
+def evaluate(
+    model: str,
+    files: list[str],
+    stride: int | None = None,
+    batch_size: int = 8,
+    context_length: int | None = None,
+    device: str = "cpu",
+) -> None:
+    """Mean loss, perplexity and bits per byte of a model on text files (sliding window).
+
+    Args:
+        model: gptkit run or model directory, or a Hugging Face GPT-2 directory
+        files: UTF-8 text files, each scored as one document
+        stride: tokens between window starts (default: half the context length)
+        batch_size: windows per forward pass
+        context_length: window length in tokens (default: the model's context length)
+        device: cpu, cuda, or cuda:N
+    """
+    from gptkit.evaluate import EvalResult, evaluate_files, format_result
+    from gptkit.hf import load
+
+    loaded, tokenizer = load(model, device=device)
+    results = evaluate_files(loaded, tokenizer, files, context_length, stride, batch_size)
+    for name, result in results:
+        print(format_result(name, result))
+    if len(results) > 1:
+        total = sum((r for _, r in results), EvalResult(0.0, 0, 0))
+        print(format_result(f"total ({len(results)} files)", total))
 
 
 def demo(
@@ -248,6 +294,8 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "prepare": prepare,
     "train": train,
     "sample": sample,
+    "convert": convert,
+    "eval": evaluate,
     "demo": demo,
     "presets": presets,
 }

@@ -44,7 +44,7 @@ def config_from_hf(hf_config: dict[str, Any]) -> GPTConfig:
     act = hf_config.get("activation_function", "gelu_new")
     if act not in _ACTIVATIONS_FROM_HF:
         known = ", ".join(_ACTIVATIONS_FROM_HF)
-        raise GptkitError(f"GPT-2 activation {act!r} is not supported (supported: {known})")
+        raise GptkitError(f"activation_function {act!r} is not supported (supported: {known})")
     # Options that change the attention maths: we always scale by 1/sqrt(D) and nothing else.
     if not hf_config.get("scale_attn_weights", True):
         raise GptkitError("GPT-2 checkpoints with scale_attn_weights=false are not supported")
@@ -53,9 +53,9 @@ def config_from_hf(hf_config: dict[str, Any]) -> GPTConfig:
             "GPT-2 checkpoints with scale_attn_by_inverse_layer_idx are not supported"
         )
     if hf_config.get("add_cross_attention", False):
-        raise GptkitError("GPT-2 checkpoints with cross-attention are not supported")
+        raise GptkitError("add_cross_attention=true (cross-attention) is not supported")
     if not hf_config.get("tie_word_embeddings", True):
-        raise GptkitError("GPT-2 checkpoints with untied word embeddings are not supported")
+        raise GptkitError("tie_word_embeddings=false (an untied head) is not supported")
     d_model = hf_config.get("n_embd", 768)
     n_inner = hf_config.get("n_inner")
     return GPTConfig(

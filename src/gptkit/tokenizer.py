@@ -81,6 +81,19 @@ class Tokenizer(ABC):
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; a literal "<|endoftext|>" in it is ordinary text."""
 
+    def encode_with_eot(self, text: str) -> list[int]:
+        """Token ids of `text` where each literal "<|endoftext|>" IS the end-of-text token.
+
+        For text the caller joined from documents on purpose, never for user input (see the
+        module docstring). Equals tiktoken's `encode(text, allowed_special={EOT_TOKEN})`:
+        the pieces between the markers are encoded on their own.
+        """
+        pieces = [self.encode(piece) for piece in text.split(EOT_TOKEN)]
+        ids = pieces[0]
+        for piece in pieces[1:]:
+            ids += [self.eot_id, *piece]
+        return ids
+
     @abstractmethod
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         """UTF-8 bytes of `ids`. Streaming decoders use it: one token may be half a character."""
