@@ -1,8 +1,9 @@
 """Serving throughput: continuous batching against one-sequence-at-a-time, same run.
 
 Starts `gptkit serve` twice on a random-weight model (gpt2-shaped, 4 layers, width 256,
-char tokenizer) — once with --max-batch 32, once with --max-batch 1 (batching off) — and
-drives each with 1, 8 and 32 concurrent streaming clients. Every client asks for the same
+char tokenizer, end-of-text made improbable) — once with --max-batch 32, once with
+--max-batch 1 (batching off) — and drives each with 1, 8 and 32 concurrent streaming
+clients. Every client asks for the same
 seeded completion in both modes, so both sides generate the very same tokens. Reports
 aggregate tokens/s and p50 / p99 time to first token (TTFT).
 
@@ -46,7 +47,12 @@ def make_model(directory: Path, n_layer: int, d_model: int, context: int) -> Non
         d_model=d_model,
     )
     torch.manual_seed(0)
-    save_model(directory, GPT(config))
+    model = GPT(config)
+    with torch.no_grad():  # make end-of-text improbable, so every client gets max_tokens
+        u = torch.nn.functional.normalize(torch.randn(d_model), dim=0)
+        model.ln_f.bias.copy_(5 * u)
+        model.wte.weight[tok.eot_id] = -3 * u
+    save_model(directory, model)
     tok.save(directory)
 
 

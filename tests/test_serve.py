@@ -125,6 +125,28 @@ def test_logprobs_are_the_models(client, model_dir):
         assert token == text[i]
 
 
+def test_echo_with_logprobs_scores_the_prompt(client, url, model_dir):
+    """Guards echo: the text starts with the prompt, and with logprobs the prompt's tokens
+    come first (the first unscored), scored like the generated ones, streamed or not."""
+    kwargs = dict(model=model_dir.name, prompt="abc", max_tokens=4, seed=4, echo=True)
+    plain = client.completions.create(**kwargs).choices[0].text
+    out = client.completions.create(logprobs=2, **kwargs).choices[0]
+    assert out.text == plain and plain.startswith("abc")
+    lp = out.logprobs
+    assert lp.tokens == list(out.text) and lp.text_offset == list(range(len(out.text)))
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    model, tok = load(model_dir)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([tok.encode(out.text)]))[0], dim=-1)
+    ids = tok.encode(out.text)
+    for t in range(1, len(ids)):
+        assert lp.token_logprobs[t] == pytest.approx(float(ref[t - 1, ids[t]]), abs=1e-4)
+        assert len(lp.top_logprobs[t]) == 2
+    chunks = list(client.completions.create(logprobs=2, stream=True, **kwargs))
+    assert "".join(c.choices[0].text for c in chunks) == out.text
+    assert sum(len(c.choices[0].logprobs.tokens) for c in chunks) == len(out.text)
+
+
 def test_n_choices_and_prompt_lists(client, url, model_dir, reference):
     """Guards n > 1 and list prompts: choice i of a seeded request uses seed + i, prompts
     come in order, and token-id prompts equal their text."""
@@ -275,3 +297,11 @@ def test_api_key_and_full_queue(model_dir):
             client.completions.create(model=model_dir.name, prompt="a", max_tokens=2, n=2)
         assert e.value.response.headers["retry-after"] == "1"
         assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_serve_command_rejects_bad_arguments(tmp_path, capsys):
+    """Guards the CLI: a missing model directory or a zero batch is one line and exit 2."""
+    assert cli.main(["serve", str(tmp_path / "nope")]) == 2
+    assert cli.main(["serve", str(tmp_path), "--max-batch", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("gptkit: error:") for line in err)

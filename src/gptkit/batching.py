@@ -45,6 +45,7 @@ class SamplingParams:
     top_p: float | None = None
     logprobs: int | None = None  # how many top alternatives to report per token (0..5)
     seed: int | None = None
+    prompt_logprobs: bool = False  # also report the prompt's tokens (echo with logprobs)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,13 @@ class Token:
 
 
 @dataclass(frozen=True)
+class PromptLogprobs:
+    """The prompt's own tokens scored by the model (the first has no logprob)."""
+
+    tokens: list[Token]
+
+
+@dataclass(frozen=True)
 class Finished:
     reason: str  # "stop" (end-of-text), "length" (max_tokens) or "error"
     message: str = ""
@@ -66,7 +74,7 @@ class Finished:
 class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
-    emit: Callable[[Token | Finished], None]
+    emit: Callable[[Token | PromptLogprobs | Finished], None]
     generator: torch.Generator | None = None
     cancelled: bool = False  # set by the server (client gone, stop string hit)
     generated: int = 0
@@ -75,6 +83,14 @@ class Sequence:
 
     def cancel(self) -> None:
         self.cancelled = True
+
+
+def scored(logits: torch.Tensor, token: int, k: int) -> Token:
+    """`token` with its log-probability and the k most likely alternatives, from logits (V,)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (V,)
+    top = torch.topk(logprobs, k)
+    alternatives = list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+    return Token(token, float(logprobs[token]), alternatives)
 
 
 class Histogram:
@@ -197,7 +213,15 @@ class Scheduler:
             return
         ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)  # (1, T)
         prefill = KVCache(self.model.config, 1, ids.shape[1], self.device, self.dtype)
-        logits = self.model.lm_head(self.model.hidden_states(ids, prefill)[:, -1])  # (1, V)
+        h = self.model.hidden_states(ids, prefill)  # (1, T, C)
+        p = seq.params
+        if p.prompt_logprobs and p.logprobs is not None:
+            scores = self.model.lm_head(h[0, :-1])  # (T - 1, V): position t predicts t + 1
+            rest = [
+                scored(scores[t], seq.prompt_ids[t + 1], p.logprobs) for t in range(len(scores))
+            ]
+            seq.emit(PromptLogprobs([Token(seq.prompt_ids[0]), *rest]))
+        logits = self.model.lm_head(h[:, -1])  # (1, V): only the last position is unembedded
         self._sample(seq, logits)
         with self.stats.lock:
             self.stats.ttft.observe(time.perf_counter() - seq.submitted_at)
@@ -224,14 +248,7 @@ class Scheduler:
             seq.emit(Finished("stop"))
             seq.cancel()
             return
-        event = Token(token)
-        if p.logprobs is not None:
-            logprobs = torch.log_softmax(logits[0].float(), dim=-1)  # (V,)
-            top = torch.topk(logprobs, p.logprobs) if p.logprobs > 0 else None
-            alternatives = (
-                list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top else []
-            )
-            event = Token(token, float(logprobs[token]), alternatives)
+        event = Token(token) if p.logprobs is None else scored(logits[0], token, p.logprobs)
         seq.generated += 1
         seq.last_token = token
         with self.stats.lock:

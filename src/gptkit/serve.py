@@ -7,8 +7,9 @@ POST /v1/tokenize, GET /health, GET /metrics (Prometheus text), GET / (the playg
 Decoding runs in `gptkit.batching.Scheduler`'s thread, never on the event loop; the
 loop only validates requests, turns tokens into text and writes responses.
 
-Requests are validated before any model work against the named limits below; a bad
-request gets OpenAI's error shape, {"error": {"message", "type", "param", "code"}}.
+Requests are validated before any model work against the named limits in
+`gptkit.completions`; a bad request gets OpenAI's error shape,
+{"error": {"message", "type", "param", "code"}}.
 
     >>> app = create_app(model, tokenizer, "demo")   # then uvicorn.run(app)
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,246 +29,20 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
 
-from gptkit.batching import Finished, QueueFull, SamplingParams, Scheduler, Sequence, Token
+from gptkit.batching import Finished, PromptLogprobs, QueueFull, Scheduler, Sequence, Token
+from gptkit.completions import (
+    APIError,
+    Choice,
+    CompletionRequest,
+    TokenizeRequest,
+    parse,
+    prompt_ids,
+    read_json,
+    sampling_params,
+)
 from gptkit.generate import Tokenizer
 from gptkit.model import GPT
-
-MAX_BODY_BYTES = 1 << 20  # 1 MiB of JSON is far more than any prompt that fits the context
-MAX_PROMPTS = 32  # prompts in one request (a list of strings or of token-id lists)
-MAX_N = 16  # choices per prompt
-MAX_STOP = 4  # stop strings, as OpenAI
-MAX_STOP_CHARS = 256  # length of one stop string
-MAX_LOGPROBS = 5  # top alternatives per token, as OpenAI
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
-RETRY_AFTER_S = 1  # what a 429 tells the client to wait
-DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-
-
-class APIError(Exception):
-    """A request the server refuses: HTTP status plus OpenAI's error fields."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str = "") -> None:
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-        self.code = code or {400: "invalid_request", 401: "invalid_api_key"}.get(status, "")
-
-    def response(self) -> JSONResponse:
-        kind = {401: "authentication_error", 429: "rate_limit_error", 500: "server_error"}
-        body = {
-            "error": {
-                "message": self.message,
-                "type": kind.get(self.status, "invalid_request_error"),
-                "param": self.param,
-                "code": self.code or None,
-            }
-        }
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.status == 429 else None
-        return JSONResponse(body, status_code=self.status, headers=headers)
-
-
-class CompletionRequest(BaseModel):
-    """The fields of OpenAI's /v1/completions we honour (others are ignored); strict types."""
-
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-    model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]] = ""
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None  # an extension (vLLM has it too)
-    n: int | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool | None = None
-    logprobs: int | None = None
-    echo: bool | None = None
-
-
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-    prompt: str
-
-
-# --- request checking ------------------------------------------------------------------------
-
-
-async def read_json(request: Request) -> Any:
-    """The body as JSON, refusing oversized bodies before reading (or while reading) them."""
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
-        raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes", code="body_too_large")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes", code="body_too_large")
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
-
-
-def parse(model: type[BaseModel], data: Any) -> Any:
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        raise APIError(400, f"{param}: {err['msg']}", param=param, code="invalid_type") from None
-
-
-def check_range(name: str, value: float, lo: float, hi: float, lo_open: bool = False) -> None:
-    if value < lo or value > hi or (lo_open and value == lo):
-        bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
-        raise APIError(400, f"{name} must be in {bound}, got {value}", param=name)
-
-
-def prompt_ids(req: CompletionRequest, tokenizer: Tokenizer, vocab: int) -> list[list[int]]:
-    """The request's prompts as token-id lists (an empty prompt starts from end-of-text)."""
-    p = req.prompt
-    if isinstance(p, list) and not p:
-        raise APIError(400, "prompt must not be an empty list", param="prompt")
-    if isinstance(p, str) or isinstance(p[0], str):
-        texts = [p] if isinstance(p, str) else p
-        if len(texts) > MAX_PROMPTS:
-            raise APIError(400, f"at most {MAX_PROMPTS} prompts per request", param="prompt")
-        if sum(map(len, texts)) > MAX_BODY_BYTES:
-            raise APIError(400, "prompt too long", param="prompt")
-        try:
-            prompts = [tokenizer.encode(t) for t in texts]
-        except Exception as e:  # e.g. a character outside a char tokenizer's vocabulary
-            raise APIError(400, f"prompt cannot be tokenized: {e}", param="prompt") from None
-    else:
-        prompts = [p] if isinstance(p[0], int) else p
-        if len(prompts) > MAX_PROMPTS:
-            raise APIError(400, f"at most {MAX_PROMPTS} prompts per request", param="prompt")
-        for ids in prompts:
-            if any(not 0 <= i < vocab for i in ids):
-                raise APIError(400, f"token ids must be in [0, {vocab})", param="prompt")
-    out = []
-    for ids in prompts:
-        if not ids:
-            if tokenizer.eot_id is None:
-                raise APIError(400, "empty prompt and no end-of-text token", param="prompt")
-            ids = [tokenizer.eot_id]  # as `stream_text`: GPT-2 was trained this way
-        out.append(list(ids))
-    return out
-
-
-def sampling_params(req: CompletionRequest, longest_prompt: int, context: int) -> SamplingParams:
-    """Defaults applied with `is None` (temperature 0 is greedy), then every range checked."""
-    max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
-    temperature = 1.0 if req.temperature is None else req.temperature
-    check_range("max_tokens", max_tokens, 0, context)
-    check_range("temperature", temperature, 0.0, 2.0)
-    if req.top_p is not None:
-        check_range("top_p", req.top_p, 0.0, 1.0, lo_open=True)
-    if req.top_k is not None:
-        check_range("top_k", req.top_k, 1, 2**31 - 1)
-    if req.n is not None:
-        check_range("n", req.n, 1, MAX_N)
-    if req.logprobs is not None:
-        check_range("logprobs", req.logprobs, 0, MAX_LOGPROBS)
-    if req.seed is not None:
-        check_range("seed", req.seed, 0, MAX_SEED)
-    stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
-    if len(stops) > MAX_STOP or any(not 0 < len(s) <= MAX_STOP_CHARS for s in stops):
-        raise APIError(
-            400, f"stop: at most {MAX_STOP} non-empty strings of <= {MAX_STOP_CHARS}", "stop"
-        )
-    if longest_prompt + max_tokens > context:
-        raise APIError(
-            400,
-            f"this model's context is {context} tokens; the prompt has {longest_prompt} and "
-            f"max_tokens asks for {max_tokens} more",
-            param="max_tokens",
-            code="context_length_exceeded",
-        )
-    top_p = None if req.top_p is None or req.top_p >= 1.0 else req.top_p
-    return SamplingParams(max_tokens, temperature, req.top_k, top_p, req.logprobs, req.seed)
-
-
-# --- turning tokens into text ----------------------------------------------------------------
-
-
-class Choice:
-    """One choice's text as its tokens arrive: held-back bytes, stop strings, logprobs."""
-
-    def __init__(self, index: int, tokenizer: Tokenizer, prefix: str, stops: list[str]) -> None:
-        self.index, self.tokenizer, self.prefix, self.stops = index, tokenizer, prefix, stops
-        self.ids: list[int] = []
-        self.text = ""  # the decoded new text, as far as it is final
-        self.sent = 0  # characters of `text` already handed out
-        self.decoded_len = 0  # len(decode(ids)) before the last token, for text_offset
-        self.tokens: list[Token] = []
-        self.offsets: list[int] = []
-        self.tokens_sent = 0
-        self.finish_reason: str | None = None
-        self.prefix_pending = bool(prefix)  # streaming: the echoed prompt not sent yet
-
-    def add(self, token: Token) -> bool:
-        """Take one token; True when a stop string ended the choice."""
-        self.offsets.append(len(self.prefix) + self.decoded_len)
-        self.ids.append(token.id)
-        self.tokens.append(token)
-        full = self.tokenizer.decode(self.ids)
-        self.decoded_len = len(full)
-        self.text = full.rstrip("\ufffd")  # an incomplete UTF-8 character waits for the rest
-        cut = min((i for s in self.stops if (i := self.text.find(s)) >= 0), default=None)
-        if cut is not None:
-            self.text = self.text[:cut]
-            while self.tokens and self.offsets[-1] - len(self.prefix) >= cut:
-                self.tokens.pop()  # tokens wholly after the stop string are not reported
-                self.offsets.pop()
-            self.finish_reason = "stop"
-            return True
-        return False
-
-    def finish(self, reason: str) -> None:
-        if self.finish_reason is None:
-            self.finish_reason = reason
-            if reason != "error":
-                self.text = self.tokenizer.decode(self.ids)  # flush a held-back tail
-                self.text = self._cut_at_stop(self.text)
-
-    def _cut_at_stop(self, text: str) -> str:
-        cut = min((i for s in self.stops if (i := text.find(s)) >= 0), default=len(text))
-        return text[:cut]
-
-    def _safe_len(self) -> int:
-        """How much of `text` can go out: hold back a tail that may begin a stop string."""
-        if self.finish_reason is not None:
-            return len(self.text)
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
-                if self.text.endswith(s[:k]):
-                    hold = max(hold, k)
-                    break
-        return len(self.text) - hold
-
-    def delta(self) -> tuple[str, list[Token], list[int]]:
-        """The text and tokens not handed out yet (with their text offsets)."""
-        end = max(self._safe_len(), self.sent)
-        text, self.sent = self.text[self.sent : end], end
-        tokens = self.tokens[self.tokens_sent :]
-        offsets = self.offsets[self.tokens_sent :]
-        self.tokens_sent = len(self.tokens)
-        return text, tokens, offsets
-
-    def logprobs(self, tokens: list[Token], offsets: list[int]) -> dict[str, Any]:
-        decode = self.tokenizer.decode
-        return {
-            "tokens": [decode([t.id]) for t in tokens],
-            "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [{decode([i]): lp for i, lp in t.top or []} for t in tokens],
-            "text_offset": offsets,
-        }
-
 
 # --- the app ---------------------------------------------------------------------------------
 
@@ -283,10 +59,13 @@ def create_app(
     scheduler = Scheduler(model, tokenizer.eot_id, max_batch, max_queue)
     context, vocab = model.config.context_length, model.config.vocab_size
     created = int(time.time())
+    mailbox: Mailbox | None = None
     requests_by_status: dict[int, int] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        nonlocal mailbox
+        mailbox = Mailbox(asyncio.get_running_loop())
         scheduler.start()
         yield
         scheduler.stop()
@@ -349,11 +128,9 @@ def create_app(
             raise APIError(404, f"model {req.model!r} not found", "model", "model_not_found")
         prompts = prompt_ids(req, tokenizer, vocab)
         params = sampling_params(req, max(map(len, prompts)), context)
-        if req.echo and req.logprobs is not None:
-            raise APIError(400, "echo with logprobs is not supported", param="echo")
         n = 1 if req.n is None else req.n
         stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        events: asyncio.Queue = asyncio.Queue()
         seqs, choices = [], []
         for p, ids in enumerate(prompts):
             prefix = tokenizer.decode(ids) if req.echo else ""
@@ -362,8 +139,8 @@ def create_app(
                 seed = torch.seed() if params.seed is None else params.seed + j
                 gen = torch.Generator(device=scheduler.device).manual_seed(seed)
 
-                def emit(ev: Token | Finished, index: int = index) -> None:
-                    loop.call_soon_threadsafe(events.put_nowait, (index, ev))
+                def emit(ev: Token | PromptLogprobs | Finished, index: int = index) -> None:
+                    mailbox.put(events, (index, ev))
 
                 seqs.append(Sequence(ids, params, emit, gen))
                 choices.append(Choice(index, tokenizer, prefix, stops))
@@ -384,9 +161,7 @@ def create_app(
         }
         run = Run(seqs, choices, events, want_logprobs=req.logprobs is not None)
         if req.stream:
-            return StreamingResponse(
-                run.sse(meta), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )
+            return EventStream(run, meta)
         await run.wait(request)
         usage["completion_tokens"] = sum(len(c.ids) for c in choices)
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -402,6 +177,59 @@ def create_app(
         return {**meta, "choices": body, "usage": usage}
 
     return app
+
+
+class EventStream(StreamingResponse):
+    """The SSE response of a `Run`; its sequences are cancelled however the response ends.
+
+    A client that leaves is noticed on the next write (or by Starlette's disconnect
+    listener), which ends this response before the generator itself is closed: cancel
+    here, so the scheduler frees the slots at its next step, not when the GC runs.
+    """
+
+    def __init__(self, run: Run, meta: dict[str, Any]) -> None:
+        super().__init__(
+            run.sse(meta), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+        self.run = run
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.run.cancel()
+
+
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is there
+
+
+class Mailbox:
+    """Hands events from the scheduler thread to the event loop, one wake-up per batch.
+
+    `loop.call_soon_threadsafe` per token would wake the loop (a self-pipe write) once per
+    sequence per step; here everything put during one step goes over in one callback.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.items: list[tuple[asyncio.Queue, Any]] = []
+        self.scheduled = False
+
+    def put(self, queue: asyncio.Queue, item: Any) -> None:
+        """Called from any thread."""
+        with self.lock:
+            self.items.append((queue, item))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
 
 
 class Run:
@@ -422,10 +250,14 @@ class Run:
         for seq in self.seqs:
             seq.cancel()  # the scheduler frees their slots before its next step
 
-    def _handle(self, index: int, ev: Token | Finished) -> Choice | None:
+    def _handle(self, index: int, ev: Token | PromptLogprobs | Finished) -> Choice | None:
+        """Feed one event to its choice; the choice when it may have something to send."""
         choice = self.choices[index]
         if choice.finish_reason is not None:
             return None  # a late event after a stop string
+        if isinstance(ev, PromptLogprobs):
+            choice.set_prompt(ev)  # goes out with the choice's first chunk
+            return None
         if isinstance(ev, Token):
             if choice.add(ev):
                 self.seqs[index].cancel()
@@ -437,15 +269,18 @@ class Run:
 
     async def wait(self, request: Request) -> None:
         """Collect every choice; give up (and free the slots) if the client leaves."""
+        checked = time.monotonic()
         try:
             while self.open > 0:
                 try:
-                    index, ev = await asyncio.wait_for(self.events.get(), timeout=1.0)
+                    index, ev = await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_S)
+                    self._handle(index, ev)
                 except asyncio.TimeoutError:
+                    pass
+                if time.monotonic() - checked >= DISCONNECT_POLL_S:
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         return
-                    continue
-                self._handle(index, ev)
         finally:
             self.cancel()
 
