@@ -79,28 +79,52 @@ def start_server(model_dir: Path, max_batch: int) -> tuple[subprocess.Popen, str
     raise RuntimeError("server did not start")
 
 
-async def one_client(client: httpx.AsyncClient, url: str, seed: int, max_tokens: int):
-    """(time to first token, tokens) for one streamed completion."""
+async def one_client(url: str, seed: int, max_tokens: int) -> tuple[float, int]:
+    """(time to first token, tokens) for one streamed completion.
+
+    A bare asyncio HTTP/1.1 client: 32 streams through httpx cost this 2-core machine more
+    CPU than the batched server itself, and the load generator must not be the bottleneck.
+    Each `data:` line is one server-sent event (JSON never holds a raw newline).
+    """
+    host, port = url.removeprefix("http://").split(":")
     body = {"prompt": PROMPT, "max_tokens": max_tokens, "seed": seed, "stream": True}
-    body["temperature"] = 1.0
+    payload = json.dumps({**body, "temperature": 1.0}).encode()
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+    )
     t0 = time.perf_counter()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(head.encode() + payload)
+    status = await reader.readline()
+    if b" 200 " not in status:
+        raise RuntimeError(f"server answered {status!r}")
     ttft, text = None, ""
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if line.startswith("data: {"):
-                piece = json.loads(line[6:])["choices"][0]["text"]
-                if piece and ttft is None:
-                    ttft = time.perf_counter() - t0
-                text += piece
+    while line := await reader.readline():
+        if line.startswith(b"data: {"):
+            piece = json.loads(line[6:])["choices"][0]["text"]
+            if piece and ttft is None:
+                ttft = time.perf_counter() - t0
+            text += piece
+        elif line.startswith(b"data: [DONE]"):
+            break
+    writer.close()
     return ttft if ttft is not None else time.perf_counter() - t0, len(text)  # 1 char = 1 token
 
 
-async def load(url: str, clients: int, max_tokens: int) -> dict[str, float]:
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=256)) as c:
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(one_client(c, url, i, max_tokens) for i in range(clients)))
-        wall = time.perf_counter() - t0
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def load(url: str, clients: int, max_tokens: int, pid: int) -> dict[str, float]:
+    cpu0, t0 = cpu_seconds(pid), time.perf_counter()
+    results = await asyncio.gather(*(one_client(url, i, max_tokens) for i in range(clients)))
+    wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
     ttfts = sorted(r[0] for r in results)
     tokens = sum(r[1] for r in results)
     p99 = ttfts[min(len(ttfts) - 1, round(0.99 * (len(ttfts) - 1)))]
@@ -110,7 +134,36 @@ async def load(url: str, clients: int, max_tokens: int) -> dict[str, float]:
         "tok_per_s": tokens / wall,
         "ttft_p50_ms": 1000 * statistics.median(ttfts),
         "ttft_p99_ms": 1000 * p99,
+        "server_cpu_ms_per_token": 1000 * cpu / max(tokens, 1),
     }
+
+
+def step_cpu_ms(model_dir: Path, batch_sizes: list[int], steps: int = 20) -> dict[int, float]:
+    """CPU time (this thread, 1 torch thread) of one scheduler decode step per batch size.
+
+    Thread CPU time hardly moves when other processes share the cores, unlike wall time.
+    """
+    from gptkit.batching import SamplingParams, Scheduler, Sequence
+    from gptkit.checkpoint import load
+
+    torch.set_num_threads(1)
+    model, tok = load(model_dir)
+    prompt = tok.encode(PROMPT)
+    out = {}
+    for B in batch_sizes:
+        sched = Scheduler(model, tok.eot_id, max(batch_sizes), 0)
+        params = SamplingParams(steps + 1, temperature=1.0)
+        gens = [torch.Generator().manual_seed(i) for i in range(B)]
+        seqs = [Sequence(prompt, params, lambda e: None, g) for g in gens]
+        with torch.inference_mode():
+            for seq in seqs:
+                sched._admit(seq)
+            sched._decode_step()  # warm-up
+            t0 = time.thread_time()
+            for _ in range(steps - 1):
+                sched._decode_step()
+            out[B] = 1000 * (time.thread_time() - t0) / (steps - 1)
+    return out
 
 
 def main() -> None:
@@ -120,22 +173,28 @@ def main() -> None:
     ap.add_argument("--n-layer", type=int, default=4)
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--steps-only", action="store_true", help="only the in-process step CPU times")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "bench-model"
         make_model(model_dir, args.n_layer, args.d_model, args.context)
+        for B, ms in step_cpu_ms(model_dir, args.clients).items():
+            print(f"decode step, batch {B:>3}: {ms:6.2f} ms CPU = {ms / B:5.2f} ms CPU per token")
+        if args.steps_only:
+            return
         for label, max_batch in [("batched (max-batch 32)", 32), ("unbatched (max-batch 1)", 1)]:
             proc, url = start_server(model_dir, max_batch)
             try:
-                asyncio.run(load(url, 1, 4))  # warm-up
+                asyncio.run(load(url, 1, 4, proc.pid))  # warm-up
                 for n in args.clients:
-                    r = asyncio.run(load(url, n, args.max_tokens))
+                    r = asyncio.run(load(url, n, args.max_tokens, proc.pid))
                     rows.append((label, n, r))
                     print(
                         f"{label:<24} clients {n:>3}: {r['tokens']:>5} tokens in "
                         f"{r['wall_s']:6.2f} s = {r['tok_per_s']:7.1f} tok/s, TTFT p50 "
-                        f"{r['ttft_p50_ms']:7.1f} ms, p99 {r['ttft_p99_ms']:7.1f} ms",
+                        f"{r['ttft_p50_ms']:7.1f} ms, p99 {r['ttft_p99_ms']:7.1f} ms; server "
+                        f"{r['server_cpu_ms_per_token']:5.2f} ms CPU/token",
                         flush=True,
                     )
             finally:
