@@ -285,29 +285,41 @@ class Run:
             self.cancel()
 
     async def sse(self, meta: dict[str, Any]) -> AsyncIterator[str]:
-        """Server-sent events: one chunk per choice update, then `data: [DONE]`."""
+        """Server-sent events: one chunk per choice update, then `data: [DONE]`.
+
+        Events that queued up while the client (or the loop) lagged go out as one chunk
+        per choice: the same text and tokens, fewer writes.
+        """
         try:
             while self.open > 0:
-                index, ev = await self.events.get()
-                choice = self._handle(index, ev)
-                if choice is None:
-                    continue
-                text, tokens, offsets = choice.delta()
-                if not text and not tokens and choice.finish_reason is None:
-                    continue
-                logprobs = choice.logprobs(tokens, offsets) if self.want_logprobs else None
-                if choice.prefix_pending:  # echo: the prompt comes first
-                    text, choice.prefix_pending = choice.prefix + text, False
-                item = {
-                    "text": text,
-                    "index": index,
-                    "logprobs": logprobs,
-                    "finish_reason": choice.finish_reason,
-                }
-                yield f"data: {json.dumps({**meta, 'choices': [item]})}\n\n"
+                batch = [await self.events.get()]
+                while not self.events.empty():
+                    batch.append(self.events.get_nowait())
+                updated = {}  # index -> choice, in order of first update
+                for index, ev in batch:
+                    if (choice := self._handle(index, ev)) is not None:
+                        updated.setdefault(index, choice)
+                for choice in updated.values():
+                    if (chunk := self._chunk(choice)) is not None:
+                        yield f"data: {json.dumps({**meta, 'choices': [chunk]})}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             self.cancel()  # also when the client disconnected mid-stream
+
+    def _chunk(self, choice: Choice) -> dict[str, Any] | None:
+        """What a choice has to send now, or None."""
+        text, tokens, offsets = choice.delta()
+        if not text and not tokens and choice.finish_reason is None:
+            return None
+        logprobs = choice.logprobs(tokens, offsets) if self.want_logprobs else None
+        if choice.prefix_pending:  # echo: the prompt comes first
+            text, choice.prefix_pending = choice.prefix + text, False
+        return {
+            "text": text,
+            "index": choice.index,
+            "logprobs": logprobs,
+            "finish_reason": choice.finish_reason,
+        }
 
 
 def render_metrics(scheduler: Scheduler, requests_by_status: dict[int, int]) -> str:
