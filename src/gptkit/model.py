@@ -38,6 +38,22 @@ def sinusoidal_positions(n_positions: int, d_model: int) -> torch.Tensor:
     return pe.float()
 
 
+def _cache_tensors(
+    config: GPTConfig,
+    rows: int,
+    max_len: int | None,
+    device: torch.device | str | None,
+    dtype: torch.dtype,
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(max_len, keys, values) for a KV cache: zeros of shape (L, rows, H, S_max, D)."""
+    max_len = config.context_length if max_len is None else max_len
+    if not 1 <= max_len <= config.context_length:
+        raise ValueError(f"max_len must be in [1, {config.context_length}], got {max_len}")
+    shape = (config.n_layer, rows, config.n_head, max_len, config.head_dim)
+    k = torch.zeros(shape, device=device, dtype=dtype)
+    return max_len, k, torch.zeros_like(k)
+
+
 class KVCache:
     """Preallocated keys and values for every layer, filled up to `pos`.
 
@@ -54,12 +70,7 @@ class KVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        self.max_len = config.context_length if max_len is None else max_len
-        if not 1 <= self.max_len <= config.context_length:
-            raise ValueError(f"max_len must be in [1, {config.context_length}], got {self.max_len}")
-        shape = (config.n_layer, batch_size, config.n_head, self.max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, H, S_max, D)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len, self.k, self.v = _cache_tensors(config, batch_size, max_len, device, dtype)
         self.pos = 0
 
     @property
@@ -103,12 +114,7 @@ class SlotKVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        self.max_len = config.context_length if max_len is None else max_len
-        if not 1 <= self.max_len <= config.context_length:
-            raise ValueError(f"max_len must be in [1, {config.context_length}], got {self.max_len}")
-        shape = (config.n_layer, n_slots, config.n_head, self.max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, N, H, S_max, D)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len, self.k, self.v = _cache_tensors(config, n_slots, max_len, device, dtype)
         self.lengths = torch.zeros(n_slots, dtype=torch.long, device=device)  # (N,)
 
     @property
