@@ -25,7 +25,7 @@ MAX_N = 16  # choices per prompt
 MAX_STOP = 4  # stop strings, as OpenAI
 MAX_STOP_CHARS = 256  # length of one stop string
 MAX_LOGPROBS = 5  # top alternatives per token, as OpenAI
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
+MAX_SEED = 2**63 - 1 - MAX_N  # choice i is seeded seed + i, within manual_seed's range
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 

@@ -156,7 +156,7 @@ def create_app(
             "model": model_name,
         }
         usage = {
-            "prompt_tokens": sum(len(ids) for ids in prompts) * n,
+            "prompt_tokens": sum(len(ids) for ids in prompts),  # once per prompt, as OpenAI
             "completion_tokens": 0,
         }
         run = Run(seqs, choices, events, want_logprobs=req.logprobs is not None)
