@@ -5,6 +5,7 @@
     gptkit sample RUN --prompt TEXT
     gptkit convert SRC OUT [--to gptkit|hf]
     gptkit eval MODEL FILE... [--stride S] [--batch-size B] [--context-length N]
+    gptkit serve RUN [--port 8000] [--api-key KEY] [--max-batch 32]
     gptkit demo
     gptkit presets
 
@@ -163,6 +164,35 @@ def evaluate(
         print(format_result(f"total ({len(results)} files)", total))
 
 
+def serve(
+    model: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_batch: int = 32,
+    max_queue: int = 256,
+    device: str = "cpu",
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API, with a playground at /.
+
+    Args:
+        model: run or model directory (config.json, model.safetensors, tokenizer.json)
+        host: address to listen on
+        port: TCP port to listen on
+        api_key: require 'Authorization: Bearer KEY' on /v1/ endpoints
+        max_batch: sequences decoded together per step (1 turns batching off)
+        max_queue: sequences that may wait for a slot before requests get 429
+        device: cpu, cuda, or cuda:N
+    """
+    from gptkit.serve import serve as run_server
+
+    if max_batch < 1 or max_queue < 0:
+        raise GptkitError("--max-batch must be >= 1 and --max-queue >= 0")
+    if not 0 <= port <= 65535:
+        raise GptkitError(f"--port must be in [0, 65535], got {port}")
+    run_server(model, host, port, api_key, max_batch, max_queue, device)
+
+
 def demo(
     data: str | None = None,
     out: str = "runs/demo",
@@ -296,6 +326,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "sample": sample,
     "convert": convert,
     "eval": evaluate,
+    "serve": serve,
     "demo": demo,
     "presets": presets,
 }

@@ -38,6 +38,22 @@ def sinusoidal_positions(n_positions: int, d_model: int) -> torch.Tensor:
     return pe.float()
 
 
+def _cache_tensors(
+    config: GPTConfig,
+    rows: int,
+    max_len: int | None,
+    device: torch.device | str | None,
+    dtype: torch.dtype,
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(max_len, keys, values) for a KV cache: zeros of shape (L, rows, H, S_max, D)."""
+    max_len = config.context_length if max_len is None else max_len
+    if not 1 <= max_len <= config.context_length:
+        raise ValueError(f"max_len must be in [1, {config.context_length}], got {max_len}")
+    shape = (config.n_layer, rows, config.n_head, max_len, config.head_dim)
+    k = torch.zeros(shape, device=device, dtype=dtype)
+    return max_len, k, torch.zeros_like(k)
+
+
 class KVCache:
     """Preallocated keys and values for every layer, filled up to `pos`.
 
@@ -54,12 +70,7 @@ class KVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        self.max_len = config.context_length if max_len is None else max_len
-        if not 1 <= self.max_len <= config.context_length:
-            raise ValueError(f"max_len must be in [1, {config.context_length}], got {self.max_len}")
-        shape = (config.n_layer, batch_size, config.n_head, self.max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, H, S_max, D)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len, self.k, self.v = _cache_tensors(config, batch_size, max_len, device, dtype)
         self.pos = 0
 
     @property
@@ -82,6 +93,76 @@ class KVCache:
         self.pos = 0
 
 
+class SlotKVCache:
+    """A KV cache with one slot per sequence, each at its own length (continuous batching).
+
+    `KVCache` keeps one position for the whole batch; a server decodes sequences that
+    started at different times, so here every row r has its own `lengths[r]`. A forward
+    pass with this cache runs on rows [0, B) for idx (B, T): row r's new tokens sit at
+    positions [lengths[r], lengths[r] + T), its keys are written there, and it attends
+    only to its own keys below that (a per-row key mask). Keys past a shorter row's
+    length are leftovers from earlier occupants and are masked out, never read.
+    The scheduler keeps the live rows packed at [0, B) with `move` (a finished row is
+    replaced by the last one) and fills a row from a one-sequence `KVCache` with `load`.
+    """
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        n_slots: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.max_len, self.k, self.v = _cache_tensors(config, n_slots, max_len, device, dtype)
+        self.lengths = torch.zeros(n_slots, dtype=torch.long, device=device)  # (N,)
+
+    @property
+    def n_slots(self) -> int:
+        return self.k.shape[1]
+
+    def positions(self, B: int, T: int) -> torch.Tensor:
+        """(B, T) absolute positions of the next T tokens of rows [0, B)."""
+        return self.lengths[:B, None] + torch.arange(T, device=self.lengths.device)
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store (B, H, T, D) keys/values at each row's own positions.
+
+        Returns keys and values (B, H, S, D), S = the longest row's new length, and the
+        boolean key mask (B, 1, T, S): query t of row r sees key s iff s <= lengths[r] + t.
+        """
+        B, _, T, _ = k.shape
+        pos = self.positions(B, T)  # (B, T)
+        rows = torch.arange(B, device=pos.device)[:, None]  # (B, 1)
+        self.k[layer][rows, :, pos] = k.transpose(1, 2)  # indexed view is (B, T, H, D)
+        self.v[layer][rows, :, pos] = v.transpose(1, 2)
+        S = int(self.lengths[:B].max()) + T
+        keys = torch.arange(S, device=pos.device)  # (S,)
+        mask = keys[None, None, :] <= pos[:, :, None]  # (B, T, S)
+        return self.k[layer, :B, :, :S], self.v[layer, :B, :, :S], mask[:, None]
+
+    def advance(self, B: int, n: int) -> None:
+        self.lengths[:B] += n
+
+    def load(self, row: int, cache: KVCache, batch_row: int = 0) -> None:
+        """Copy the filled part of a (prefilled) `KVCache` row into slot `row`."""
+        n = cache.pos
+        if n > self.max_len:
+            raise ValueError(f"{n} cached positions do not fit a slot of {self.max_len}")
+        self.k[:, row, :, :n] = cache.k[:, batch_row, :, :n]
+        self.v[:, row, :, :n] = cache.v[:, batch_row, :, :n]
+        self.lengths[row] = n
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot `src` (its filled part) into slot `dst`."""
+        n = int(self.lengths[src])
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention. q, k, v come from one fused projection (`c_attn`)."""
 
@@ -100,7 +181,7 @@ class CausalSelfAttention(nn.Module):
         self.reference = False  # True: explicit softmax(QK^T/sqrt(D))V instead of SDPA
 
     def forward(
-        self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0
+        self, x: torch.Tensor, kv_cache: KVCache | SlotKVCache | None = None, layer: int = 0
     ) -> torch.Tensor:
         """(B, T, C) -> (B, T, C)."""
         B, T, C = x.shape  # batch, time, channels
@@ -108,6 +189,11 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        if isinstance(kv_cache, SlotKVCache):  # rows at different lengths: a mask per row
+            k, v, mask = kv_cache.update(layer, k, v)  # (B, H, S, D), mask (B, 1, T, S)
+            y = masked_attention(q, k, v, mask, self.reference)
+            y = y.transpose(1, 2).contiguous().view(B, T, C)
+            return self.resid_dropout(self.c_proj(y) if self.c_proj is not None else y)
         offset = 0
         if kv_cache is not None:
             offset = kv_cache.pos
@@ -143,6 +229,20 @@ def reference_attention(
     scores = scores.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
     weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # rows sum to 1
     return weights @ v  # (B, H, T, D)
+
+
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, reference: bool
+) -> torch.Tensor:
+    """Attention under an explicit boolean key mask (B, 1, T, S), True = may attend.
+
+    q (B, H, T, D), k and v (B, H, S, D) -> (B, H, T, D). `reference` writes it out.
+    """
+    if not reference:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v  # (B, H, T, D)
 
 
 def _fast_attention(
@@ -215,7 +315,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0
+        self, x: torch.Tensor, kv_cache: KVCache | SlotKVCache | None = None, layer: int = 0
     ) -> torch.Tensor:
         """(B, T, C) -> (B, T, C)."""
         if self.post_norm:
@@ -279,7 +379,9 @@ class GPT(nn.Module):
         for block in self.h:
             block.attn.reference = enabled
 
-    def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, kv_cache: KVCache | SlotKVCache | None = None
+    ) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, V).
 
         With `kv_cache`, `idx` holds the next T tokens after the `kv_cache.pos` cached ones;
@@ -287,12 +389,16 @@ class GPT(nn.Module):
         """
         return self.lm_head(self.hidden_states(idx, kv_cache))  # (B, T, V)
 
-    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(
+        self, idx: torch.Tensor, kv_cache: KVCache | SlotKVCache | None = None
+    ) -> torch.Tensor:
         """Token ids (B, T) -> final hidden states (B, T, C): `forward` before the unembedding.
 
         Generation unembeds only the last position: for a long prompt the (B, T, V) logits
         would cost T times the head's compute and memory for nothing.
         """
+        if isinstance(kv_cache, SlotKVCache):
+            return self._slot_hidden_states(idx, kv_cache)
         B, T = idx.shape
         start = 0 if kv_cache is None else kv_cache.pos
         if start + T > self.config.context_length:
@@ -317,6 +423,28 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         # 3. final norm (pre-LN only); `forward` applies the unembedding
+        if self.ln_f is not None:
+            x = self.ln_f(x)
+        return x  # (B, T, C)
+
+    def _slot_hidden_states(self, idx: torch.Tensor, kv_cache: SlotKVCache) -> torch.Tensor:
+        """`hidden_states` for rows [0, B) of a `SlotKVCache`, each at its own position."""
+        B, T = idx.shape
+        pos = kv_cache.positions(B, T)  # (B, T)
+        end = int(pos[:, -1].max()) + 1
+        if end > min(self.config.context_length, kv_cache.max_len):
+            raise ValueError(f"a row of {end} tokens exceeds the slot cache or the context")
+        x = self.wte(idx)  # (B, T, C)
+        if self.config.embed_scale:
+            x = x * math.sqrt(self.config.d_model)
+        if self.config.positional == "learned":
+            x = x + self.wpe(pos)  # (B, T, C)
+        else:
+            x = x + self.pe[pos].to(x.dtype)  # (B, T, C)
+        x = self.drop(x)
+        for layer, block in enumerate(self.h):
+            x = block(x, kv_cache, layer)
+        kv_cache.advance(B, T)
         if self.ln_f is not None:
             x = self.ln_f(x)
         return x  # (B, T, C)

@@ -1,0 +1,50 @@
+"""The playground page in a real headless Chromium (Debian's), driven by Playwright."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from serve_helpers import make_model_dir, running_server
+
+CHROMIUM = next(
+    (p for p in ("/usr/bin/chromium", shutil.which("chromium") or "") if p and Path(p).exists()),
+    None,
+)
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="Chromium not installed (apt-get install chromium; .ci/run installs it)",
+)
+def test_playground_streams_tokens_with_alternatives(tmp_path):
+    """Guards the browser playground: typing a prompt streams shaded tokens in, and hovering
+    a token shows its top alternatives with probabilities."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    model_dir = make_model_dir(tmp_path / "tiny")
+    with running_server(model_dir) as url, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.fill("#prompt", "hello there")
+            page.fill("#max_tokens", "20")
+            page.click("#go")
+            page.wait_for_selector("#output .tok")  # the first tokens streamed in
+            status = page.locator("#status")
+            page.wait_for_function("document.getElementById('status').textContent.includes('done')")
+            tokens = page.locator("#output .tok")
+            n = int(status.inner_text().split()[1])  # "done: N tokens"
+            assert n == tokens.count() and 4 <= n <= 20
+            shade = tokens.first.evaluate("e => getComputedStyle(e).backgroundColor")
+            assert shade.startswith("rgba(230, 80, 60")
+            tokens.nth(3).hover()
+            tip = page.locator("#tip")
+            tip.wait_for(state="visible")
+            assert tip.locator("table.alts tr").count() == 5
+            assert "%" in tip.inner_text() and "chosen" in tip.inner_text()
+            page.screenshot(path=str(tmp_path / "playground.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "playground.png").stat().st_size > 1000

@@ -1,0 +1,307 @@
+"""The OpenAI-compatible server, driven by the official `openai` client and raw HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+from serve_helpers import make_model_dir, metric, running_server
+
+from gptkit import cli
+from gptkit.checkpoint import load
+from gptkit.generate import stream_text
+
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("serve") / "tiny", context_length=512)
+
+
+@pytest.fixture(scope="module")
+def url(model_dir):
+    torch.set_num_threads(1)
+    with running_server(model_dir, max_batch=32, max_queue=64) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """The `gptkit sample` path (stream_text with a seed), for comparison."""
+    model, tok = load(model_dir)
+
+    def text(prompt: str, seed: int, n: int = MAX_TOKENS, **sampling) -> str:
+        return "".join(stream_text(model, tok, prompt, n, seed=seed, **sampling))
+
+    return text
+
+
+def test_models_and_completion(client, model_dir):
+    """Guards the basic OpenAI round trip: model listing, text, usage and finish reason."""
+    assert [m.id for m in client.models.list().data] == [model_dir.name]
+    out = client.completions.create(
+        model=model_dir.name, prompt="hello", max_tokens=MAX_TOKENS, temperature=0
+    )
+    choice = out.choices[0]
+    assert out.object == "text_completion" and choice.index == 0
+    assert choice.finish_reason in ("length", "stop")
+    assert out.usage.prompt_tokens == 5
+    assert out.usage.completion_tokens == len(choice.text)  # one char per token
+    if choice.finish_reason == "length":
+        assert len(choice.text) == MAX_TOKENS
+
+
+def test_seeded_completion_equals_gptkit_sample(client, model_dir, capsys):
+    """Guards determinism: with a seed and n=1 the server's text is exactly what
+    `gptkit sample` prints for the same seed and sampling settings (temperature 0 too)."""
+    for temperature, top_k, top_p in [(0.9, 10, 0.95), (1.3, None, None), (0.0, None, None)]:
+        args = ["sample", str(model_dir), "--prompt", "the ", "--seed", "7"]
+        args += ["--max-new-tokens", str(MAX_TOKENS), "--temperature", str(temperature)]
+        args += ["--top-k", str(top_k)] if top_k is not None else []
+        args += ["--top-p", str(top_p)] if top_p is not None else []
+        if top_k is None:  # the CLI's default top_k is 200: pass the full vocabulary
+            args += ["--top-k", "1000"]
+        assert cli.main(args) == 0
+        printed = capsys.readouterr().out
+        extra = {"top_k": top_k if top_k is not None else 1000}
+        out = client.completions.create(
+            model=model_dir.name,
+            prompt="the ",
+            max_tokens=MAX_TOKENS,
+            temperature=temperature,
+            top_p=top_p,
+            seed=7,
+            extra_body=extra,
+        )
+        assert printed == "the " + out.choices[0].text + "\n"
+
+
+def test_streaming_matches_non_streaming(client, url, model_dir):
+    """Guards the SSE path: the chunks join to the non-streamed text, and the raw stream
+    ends with `data: [DONE]`."""
+    kwargs = dict(model=model_dir.name, prompt="abc", max_tokens=MAX_TOKENS, seed=3)
+    whole = client.completions.create(**kwargs).choices[0].text
+    chunks = list(client.completions.create(stream=True, **kwargs))
+    assert "".join(c.choices[0].text for c in chunks) == whole
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    body = {"prompt": "abc", "max_tokens": 4, "stream": True}
+    raw = httpx.post(f"{url}/v1/completions", json=body).text
+    events = [e for e in raw.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+
+
+def test_logprobs_are_the_models(client, model_dir):
+    """Guards logprobs: per token the chosen token's log-probability and the top
+    alternatives equal log_softmax of the model's logits at that position."""
+    out = client.completions.create(
+        model=model_dir.name, prompt="ab", max_tokens=8, logprobs=3, seed=1, temperature=1.0
+    )
+    lp = out.choices[0].logprobs
+    text = out.choices[0].text
+    assert "".join(lp.tokens) == text and len(lp.top_logprobs) == len(text)
+    model, tok = load(model_dir)
+    ids = tok.encode("ab" + text)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids]))[0], dim=-1)  # (T, V)
+    for i, token in enumerate(lp.tokens):
+        row = ref[1 + i]  # predicts ids[2 + i]
+        assert lp.token_logprobs[i] == pytest.approx(float(row[ids[2 + i]]), abs=1e-4)
+        top = torch.topk(row, 3)
+        pairs = zip(top.indices.tolist(), top.values.tolist(), strict=True)
+        expected = {tok.decode([j]): v for j, v in pairs}
+        assert lp.top_logprobs[i] == pytest.approx(expected, abs=1e-4)
+        assert lp.text_offset[i] == i  # offsets into the returned text (no echo here)
+        assert token == text[i]
+
+
+def test_echo_with_logprobs_scores_the_prompt(client, url, model_dir):
+    """Guards echo: the text starts with the prompt, and with logprobs the prompt's tokens
+    come first (the first unscored), scored like the generated ones, streamed or not."""
+    kwargs = dict(model=model_dir.name, prompt="abc", max_tokens=4, seed=4, echo=True)
+    plain = client.completions.create(**kwargs).choices[0].text
+    out = client.completions.create(logprobs=2, **kwargs).choices[0]
+    assert out.text == plain and plain.startswith("abc")
+    lp = out.logprobs
+    assert lp.tokens == list(out.text) and lp.text_offset == list(range(len(out.text)))
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    model, tok = load(model_dir)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([tok.encode(out.text)]))[0], dim=-1)
+    ids = tok.encode(out.text)
+    for t in range(1, len(ids)):
+        assert lp.token_logprobs[t] == pytest.approx(float(ref[t - 1, ids[t]]), abs=1e-4)
+        assert len(lp.top_logprobs[t]) == 2
+    chunks = list(client.completions.create(logprobs=2, stream=True, **kwargs))
+    assert "".join(c.choices[0].text for c in chunks) == out.text
+    assert sum(len(c.choices[0].logprobs.tokens) for c in chunks) == len(out.text)
+
+
+def test_n_choices_and_prompt_lists(client, url, model_dir, reference):
+    """Guards n > 1 and list prompts: choice i of a seeded request uses seed + i, prompts
+    come in order, and token-id prompts equal their text."""
+    out = client.completions.create(model=model_dir.name, prompt="hi", n=3, seed=5)
+    texts = [c.text for c in sorted(out.choices, key=lambda c: c.index)]
+    assert texts == [reference("hi", 5 + i, 16) for i in range(3)]
+    out = client.completions.create(model=model_dir.name, prompt=["ab", "cd"], n=2, seed=0)
+    assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
+    by_index = {c.index: c.text for c in out.choices}
+    assert by_index[2] == reference("cd", 0, 16) and by_index[1] == reference("ab", 1, 16)
+    _, tok = load(model_dir)
+    ids = client.completions.create(model=model_dir.name, prompt=tok.encode("cd"), seed=0)
+    assert ids.choices[0].text == by_index[2]
+    tokens = httpx.post(f"{url}/v1/tokenize", json={"prompt": "cd"}).json()
+    assert tokens["tokens"] == tok.encode("cd") and tokens["count"] == 2
+
+
+def test_stop_strings(client, model_dir):
+    """Guards stop strings: text ends right before the first stop string, streamed or not,
+    with finish_reason "stop" (a stop string split across tokens included)."""
+    kwargs = dict(model=model_dir.name, prompt="x", max_tokens=MAX_TOKENS, seed=2)
+    full = client.completions.create(**kwargs).choices[0].text
+    assert len(full) >= 8, "the tiny model ended early; pick another seed"
+    stop = full[5:7]  # two characters: two tokens
+    cut = full.index(stop)
+    out = client.completions.create(stop=[stop, "@@@"], **kwargs).choices[0]
+    assert (out.text, out.finish_reason) == (full[:cut], "stop")
+    chunks = list(client.completions.create(stop=stop, stream=True, **kwargs))
+    assert "".join(c.choices[0].text for c in chunks) == full[:cut]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_32_concurrent_streams_are_batched(url, reference):
+    """Guards continuous batching: 32 concurrent streaming clients all get their own
+    seeded text exactly (so their right token counts), and decode steps ran > 1 rows."""
+    before_steps = metric(url, "gptkit_batch_size_count")
+    before_single = metric(url, 'gptkit_batch_size_bucket{le="1"}')
+
+    async def one(client: httpx.AsyncClient, i: int) -> tuple[str, int, str]:
+        body = {"prompt": "ab", "max_tokens": MAX_TOKENS, "seed": i, "stream": True}
+        body["logprobs"] = 0
+        text, tokens, finish = "", 0, None
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    choice = json.loads(line[6:])["choices"][0]
+                    text += choice["text"]
+                    tokens += len(choice["logprobs"]["tokens"])
+                    finish = choice["finish_reason"] or finish
+        return text, tokens, finish
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(32)))
+
+    results = asyncio.run(main())
+    for i, (text, tokens, finish) in enumerate(results):
+        assert text == reference("ab", i)
+        assert tokens == len(text)
+        assert finish == ("length" if len(text) == MAX_TOKENS else "stop")
+    steps = metric(url, "gptkit_batch_size_count") - before_steps
+    single = metric(url, 'gptkit_batch_size_bucket{le="1"}') - before_single
+    assert steps - single > 0, "no decode step ran more than one sequence"
+    assert metric(url, "gptkit_tokens_generated_total") >= sum(len(r[0]) for r in results)
+
+
+@pytest.mark.parametrize(
+    "body, status",
+    [
+        (b"{not json", 400),
+        (b"[1, 2]", 400),
+        (json.dumps({"prompt": 5}).encode(), 400),
+        (json.dumps({"prompt": "a", "temperature": "hot"}).encode(), 400),
+        (json.dumps({"prompt": "a", "n": "2"}).encode(), 400),
+        (json.dumps({"prompt": "a", "stream": "yes"}).encode(), 400),
+        (json.dumps({"prompt": "a", "max_tokens": True}).encode(), 400),
+        (json.dumps({"prompt": "a", "temperature": -1}).encode(), 400),
+        (json.dumps({"prompt": "a", "top_p": 0}).encode(), 400),
+        (json.dumps({"prompt": "a", "top_k": 0}).encode(), 400),
+        (json.dumps({"prompt": "a", "n": 1000}).encode(), 400),
+        (json.dumps({"prompt": "a", "logprobs": 6}).encode(), 400),
+        (json.dumps({"prompt": "a", "max_tokens": -1}).encode(), 400),
+        (json.dumps({"prompt": "a", "max_tokens": 512}).encode(), 400),
+        (json.dumps({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}).encode(), 400),
+        (json.dumps({"prompt": [1, 2, 10**6]}).encode(), 400),
+        (json.dumps({"prompt": []}).encode(), 400),
+        (json.dumps({"prompt": "\u00e9"}).encode(), 400),  # not in the char vocabulary
+        (json.dumps({"prompt": "a", "model": "gpt-9"}).encode(), 404),
+        (json.dumps({"prompt": "a" * (2 << 20)}).encode(), 413),
+    ],
+)
+def test_bad_requests_get_json_errors(url, body, status):
+    """Guards request checking: every bad request gets its 4xx status and OpenAI's error
+    shape before any model work, and the server stays healthy."""
+    r = httpx.post(
+        f"{url}/v1/completions", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"] == "invalid_request_error"
+    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+
+
+def test_temperature_zero_is_greedy(url, model_dir):
+    """Guards `x or default`: temperature 0 must mean argmax, not the default 1."""
+    body = {"prompt": "ab", "max_tokens": 8, "temperature": 0}
+    texts = {
+        httpx.post(f"{url}/v1/completions", json={**body, "seed": s}).json()["choices"][0]["text"]
+        for s in range(3)
+    }
+    assert len(texts) == 1
+
+
+def test_disconnect_frees_the_slot(url):
+    """Guards leaked slots: a client that leaves mid-stream stops its decoding within a
+    step, and the server answers normally afterwards."""
+    before = metric(url, "gptkit_tokens_generated_total")
+    body = {"prompt": "a", "max_tokens": 500, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+    for _ in range(500):
+        if metric(url, "gptkit_active_sequences") == 0:
+            break
+        time.sleep(0.01)
+    assert metric(url, "gptkit_active_sequences") == 0
+    assert metric(url, "gptkit_tokens_generated_total") - before < 400
+    assert httpx.get(f"{url}/health").status_code == 200
+    ok = httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_api_key_and_full_queue(model_dir):
+    """Guards auth and overload: with --api-key a missing or wrong key is 401 (health
+    stays open); a request that overflows the queue is 429 with Retry-After."""
+    with running_server(model_dir, api_key="sekrit", max_batch=1, max_queue=1) as url:
+        body = {"prompt": "a", "max_tokens": 2}
+        assert httpx.post(f"{url}/v1/completions", json=body).status_code == 401
+        wrong = {"Authorization": "Bearer nope"}
+        r = httpx.post(f"{url}/v1/completions", json=body, headers=wrong)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="sekrit", max_retries=0)
+        assert client.completions.create(model=model_dir.name, prompt="a", max_tokens=2)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0).models.list()
+        with pytest.raises(openai.RateLimitError) as e:
+            client.completions.create(model=model_dir.name, prompt="a", max_tokens=2, n=2)
+        assert e.value.response.headers["retry-after"] == "1"
+        assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_serve_command_rejects_bad_arguments(tmp_path, capsys):
+    """Guards the CLI: a missing model directory or a zero batch is one line and exit 2."""
+    assert cli.main(["serve", str(tmp_path / "nope")]) == 2
+    assert cli.main(["serve", str(tmp_path), "--max-batch", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("gptkit: error:") for line in err)
