@@ -29,6 +29,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/train_shakespeare.py
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/cpu_inference.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
