@@ -46,6 +46,8 @@ def _int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
         y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), q, scale)
         return y.to(x.dtype)
     return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+
+
 class Int8Linear(nn.Module):
     """`nn.Linear` with an int8 weight (out, in) and fp32 per-output-channel scales (out,)."""
 
