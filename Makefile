@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_shakespeare.py
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/serve_bench.py
+	$(PY) benchmarks/cpu_inference.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -82,11 +82,17 @@ def save_model(
     their metadata: a kill between the two renames (or a failed config write) leaves new
     weights beside an old config.json, and `load_model` then trusts the weights' copy.
     """
+    config = unwrap(model).config if config is None else config
+    save_weights(directory, weights_for_save(model, dtype), config)
+
+
+def save_weights(
+    directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: GPTConfig
+) -> None:
+    """`save_model` for tensors already gathered (`weights_for_save`'s form, e.g. from FSDP)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    config = unwrap(model).config if config is None else config
-    tensors = weights_for_save(model, dtype)
     metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(config.to_dict())}
     atomic_write_with(
         directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata)

@@ -8,6 +8,7 @@
     gptkit serve RUN [--port 8000] [--api-key KEY] [--max-batch 32]
     gptkit demo
     gptkit presets
+    gptkit plan PRESET --gpus N [--gpu h100] [--tokens 300B] [--strategy fsdp]
 
 Flags are generated from each command function's signature (and from `TrainConfig`'s
 fields for `train`), so a function's defaults are the CLI's defaults. User mistakes
@@ -69,7 +70,8 @@ def train(**options: Any) -> None:
     from gptkit.train import train as run_training
 
     run_dir = run_training(TrainConfig(**options), progress=_interactive())
-    print(f"run saved in {run_dir}; sample it with: gptkit sample {run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+        print(f"run saved in {run_dir}; sample it with: gptkit sample {run_dir}")
 
 
 def sample(
@@ -82,6 +84,7 @@ def sample(
     num_samples: int = 1,
     seed: int | None = None,
     device: str = "cpu",
+    weights: Literal["fp32", "bf16", "int8"] = "fp32",
 ) -> None:
     """Generate text from a trained model, streamed to stdout as it is produced.
 
@@ -95,16 +98,19 @@ def sample(
         num_samples: how many independent samples to write
         seed: random seed, for reproducible samples
         device: cpu, cuda, or cuda:N
+        weights: fp32, bf16, or int8 (weight-only, per-channel scales: 4x fewer bytes)
     """
     import torch
 
     from gptkit.generate import stream_text, validate_sampling
     from gptkit.hf import load  # gptkit or Hugging Face directories
+    from gptkit.quantize import quantize_model
 
     validate_sampling(max_new_tokens, temperature, top_k, top_p)
     if num_samples < 1:
         raise GptkitError(f"--num-samples must be >= 1, got {num_samples}")
     model, tokenizer = load(run, device=device)
+    model = quantize_model(model, weights)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else torch.seed())
     for i in range(num_samples):
@@ -229,6 +235,48 @@ def presets() -> None:
         )
 
 
+def plan(
+    preset: str,
+    *,
+    gpus: int,
+    gpu: str = "h100",
+    tokens: str | None = None,
+    mfu: float = 0.4,
+    strategy: Literal["ddp", "fsdp"] = "ddp",
+    micro_batch: int = 1,
+    activation_checkpointing: bool = False,
+    dtype: Literal["bfloat16", "float32"] = "bfloat16",
+    context_length: int | None = None,
+) -> None:
+    """Estimate parameters, FLOPs, memory per device and time to train a preset.
+
+    Args:
+        preset: model preset (see `gptkit presets`)
+        gpus: number of devices
+        gpu: h100, h100-pcie, h200, b200, a100, a100-40gb, l40s, l4 or mi300x
+        tokens: training tokens, e.g. 300e9 or 300B (default: 20 per parameter)
+        mfu: model FLOPs utilisation to assume (share of the dense bf16 peak)
+        strategy: ddp (replicate everything) or fsdp (shard weights, grads, optimizer)
+        micro_batch: sequences per device per forward/backward
+        activation_checkpointing: keep only block inputs, recompute in backward
+        dtype: compute dtype (bfloat16 autocast or float32)
+        context_length: override the preset's context length
+    """
+    from gptkit.config import GPTConfig
+    from gptkit.plan import estimate, parse_count, report
+
+    overrides = {} if context_length is None else {"context_length": context_length}
+    try:
+        config = GPTConfig.from_preset(preset, **overrides)
+    except ValueError as e:
+        raise GptkitError(str(e)) from None
+    count = None if tokens is None else parse_count(tokens)
+    p = estimate(
+        config, gpus, gpu, count, mfu, strategy, micro_batch, activation_checkpointing, dtype
+    )
+    print(report(p, preset, tokens_given=tokens is not None))
+
+
 def _interactive() -> bool:
     """Progress bars only on a terminal: in logs and pipes they are noise."""
     return sys.stderr.isatty()
@@ -329,6 +377,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "serve": serve,
     "demo": demo,
     "presets": presets,
+    "plan": plan,
 }
 
 

@@ -180,7 +180,9 @@ class TrainConfig:
     d_model: int | None = _opt(None, "override the preset's model width")
     context_length: int | None = _opt(None, "override the preset's context length in tokens")
     dropout: float | None = _opt(None, "override the preset's dropout probability")
-    batch_size: int = _opt(12, "sequences per micro-batch")
+    batch_size: int = _opt(
+        12, "sequences per micro-batch on each process (global: x grad_accum x processes)"
+    )
     grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
     lr: float = _opt(1e-3, "peak learning rate (AdamW)")
     min_lr: float = _opt(1e-4, "learning rate at the end of the cosine decay")
@@ -198,6 +200,10 @@ class TrainConfig:
     seed: int = _opt(1337, "random seed for initialisation and data order")
     dtype: Literal["float32", "bfloat16"] = _opt("float32", "autocast dtype for training")
     compile: bool = _opt(False, "compile the model with torch.compile")
+    fsdp: bool = _opt(False, "under torchrun: shard params, grads and AdamW state (FSDP2)")
+    activation_checkpointing: bool = _opt(
+        False, "recompute each block's activations in backward (less memory, ~1/3 more compute)"
+    )
     device: str = _opt("auto", "cpu, cuda, cuda:N, or auto (CUDA when present)")
     resume: bool = _opt(False, "continue the run in --out from its last checkpoint")
 

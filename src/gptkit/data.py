@@ -393,11 +393,16 @@ def sample_batch(
     context_length: int,
     generator: torch.Generator,
     device: str | torch.device = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows of `tokens`: x (B, T) and targets y = x shifted by one, both int64.
 
     Offsets come from `generator` alone, so saving and restoring its state resumes the
-    exact batch sequence.
+    exact batch sequence. With `world_size` > 1, the offsets of a global batch of
+    `batch_size * world_size` windows are drawn and rank `rank` keeps rows
+    [rank * B, (rank + 1) * B): ranks with equal generators read disjoint rows, together
+    exactly the batch of one process with `batch_size * world_size`.
     """
     n, T = len(tokens), context_length
     if batch_size < 1 or T < 1:
@@ -407,7 +412,8 @@ def sample_batch(
             f"the split has {n} tokens, fewer than context_length + 1 = {T + 1}; "
             "use a shorter context or more data"
         )
-    offsets = torch.randint(n - T, (batch_size,), generator=generator).numpy()
+    offsets = torch.randint(n - T, (batch_size * world_size,), generator=generator).numpy()
+    offsets = offsets[rank * batch_size : (rank + 1) * batch_size]
     # A strided view of all windows: indexing it copies B contiguous rows (no Python loop).
     windows = np.lib.stride_tricks.sliding_window_view(tokens, T + 1)[offsets]  # (B, T+1)
     return _split_xy(windows, device)

@@ -13,6 +13,10 @@ generator and runs without dropout, so it never perturbs the training RNG stream
 
 Ctrl-C or SIGTERM finishes the current step, saves and returns; a second Ctrl-C aborts
 at once (the last checkpoint stays intact: every write is atomic).
+
+Under `torchrun` the same loop trains data-parallel (DDP, or FSDP2 with --fsdp); see
+gptkit.distributed for the conventions (per-process --batch-size, rank 0 writes, checkpoints
+interchangeable with single-process runs).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptkit import checkpoint as ckpt
+from gptkit import distributed
 from gptkit.config import GPTConfig, TrainConfig
 from gptkit.errors import GptkitError
 from gptkit.metrics import METRICS_FILE, MetricsLog, plot_losses
@@ -152,10 +157,19 @@ class Run:
     elapsed_before: float = 0.0  # training seconds of earlier sessions of this run
     saved_step: int | None = None
     pending: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    dist: distributed.DistEnv = field(default_factory=distributed.DistEnv)
 
 
-def train_state(run: Run, elapsed: float) -> dict[str, Any]:
-    """Everything `resume_run` needs, as tensors and primitive containers only."""
+def train_state(
+    run: Run,
+    elapsed: float,
+    weights: dict[str, torch.Tensor] | None = None,
+    optimizer: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Everything `resume_run` needs, as tensors and primitive containers only.
+
+    `weights` and `optimizer` are the full (unsharded) states when already gathered.
+    """
     return {
         "version": STATE_VERSION,
         "step": run.step,
@@ -164,17 +178,16 @@ def train_state(run: Run, elapsed: float) -> dict[str, Any]:
         "elapsed": elapsed,
         "model_config": run.model.config.to_dict(),
         "train_config": run.cfg.to_dict(),
-        "model": ckpt.weights_for_save(run.model),
-        "optimizer": run.optimizer.state_dict(),
+        "model": ckpt.weights_for_save(run.model) if weights is None else weights,
+        "optimizer": run.optimizer.state_dict() if optimizer is None else optimizer,
         "rng": ckpt.capture_rng(),
         "data_rng": run.data_gen.get_state(),
     }
 
 
 def resume_run(run: Run, state: dict[str, Any]) -> None:
-    """Put `run` back exactly where `state` was saved."""
-    ckpt.load_weights(run.model, state["model"], run.run_dir / ckpt.TRAIN_STATE_FILE)
-    run.optimizer.load_state_dict(state["optimizer"])
+    """Put `run` back exactly where `state` was saved (weights: loaded by `setup` already)."""
+    distributed.load_optimizer_state(run.model, run.optimizer, state["optimizer"])
     run.data_gen.set_state(state["data_rng"])
     ckpt.restore_rng(state["rng"])
     run.step = run.saved_step = state["step"]
@@ -186,10 +199,19 @@ def resume_run(run: Run, state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- setup
 
 
-def setup(cfg: TrainConfig) -> Run:
-    """Check everything, then build a fresh run or restore the one in --out."""
+def setup(
+    cfg: TrainConfig,
+    env: distributed.DistEnv | None = None,
+    device: torch.device | None = None,
+) -> Run:
+    """Check everything, then build a fresh run or restore the one in --out.
+
+    `env` and `device` come from `distributed.init` under torchrun; a single process
+    otherwise.
+    """
     check_train_config(cfg)
-    device = resolve_device(cfg.device)
+    env = distributed.DistEnv() if env is None else env
+    device = resolve_device(cfg.device) if device is None else device
     meta, train_tokens, val_tokens, tokenizer = open_data(cfg)
     run_dir = Path(cfg.out)
     state = None
@@ -197,7 +219,7 @@ def setup(cfg: TrainConfig) -> Run:
         state = ckpt.load_train_state(run_dir)
         check_resumable(cfg, run_dir, meta, tokenizer, state)
         changed = changed_options(state["train_config"], cfg)
-        if changed:
+        if changed and env.is_main:
             print(f"resuming {run_dir} with changed options: {', '.join(changed)}", file=sys.stderr)
         config = GPTConfig.from_dict(state["model_config"])
     else:
@@ -209,21 +231,29 @@ def setup(cfg: TrainConfig) -> Run:
         except ValueError as e:
             raise GptkitError(str(e)) from None
     check_data_fits(cfg, config.context_length, len(train_tokens), len(val_tokens))
-    start_run_dir(cfg, run_dir, config)
+    if env.is_main:
+        start_run_dir(cfg, run_dir, config)
     model = build_model(config, cfg.seed, device)
+    if state is not None:  # before sharding: FSDP then splits the loaded weights
+        ckpt.load_weights(model, state["model"], run_dir / ckpt.TRAIN_STATE_FILE)
+    if cfg.activation_checkpointing:
+        distributed.checkpoint_blocks(model)
+    wrapped = distributed.wrap(model, env, cfg.fsdp, cfg.dtype)  # DDP, FSDP or model itself
     run = Run(
         cfg=cfg,
         run_dir=run_dir,
         device=device,
         model=model,
-        forward=torch.compile(model) if cfg.compile else model,
+        forward=torch.compile(wrapped) if cfg.compile else wrapped,
         optimizer=configure_optimizer(model, cfg, device),
-        data_gen=torch.Generator().manual_seed(cfg.seed),
+        data_gen=torch.Generator().manual_seed(cfg.seed),  # alike on all ranks (global batch)
         train_tokens=train_tokens,
         val_tokens=val_tokens,
+        dist=env,
     )
     if state is not None:
         resume_run(run, state)
+    distributed.seed_rank(cfg.seed, env, run.step)
     return run
 
 
@@ -238,19 +268,25 @@ def train_step(run: Run, lr: float) -> torch.Tensor:
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     total = torch.zeros((), device=run.device)
-    for _ in range(cfg.grad_accum):
-        x, y = sample_batch(run.train_tokens, cfg.batch_size, T, run.data_gen, run.device)
-        with autocast(run.device, cfg.dtype):
-            logits = run.forward(x)  # (B, T, V)
-        # Summing loss / grad_accum over micro-batches gives the gradient of the mean.
-        loss = lm_loss(logits, y) / cfg.grad_accum
-        loss.backward()
+    rank, world = run.dist.rank, run.dist.world_size
+    for i in range(cfg.grad_accum):
+        # This rank's slice of the global batch (the whole batch in a single process).
+        x, y = sample_batch(
+            run.train_tokens, cfg.batch_size, T, run.data_gen, run.device, rank, world
+        )
+        # Across ranks, gradients are averaged once, after the last micro-batch.
+        with distributed.grad_sync(run.forward, i == cfg.grad_accum - 1):
+            with autocast(run.device, cfg.dtype):
+                logits = run.forward(x)  # (B, T, V)
+            # Summing loss / grad_accum over micro-batches gives the gradient of the mean.
+            loss = lm_loss(logits, y) / cfg.grad_accum
+            loss.backward()
         total += loss.detach()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    run.tokens_seen += cfg.grad_accum * cfg.batch_size * T
+    run.tokens_seen += cfg.grad_accum * cfg.batch_size * T * world
     return total
 
 
@@ -268,11 +304,13 @@ def estimate_val_loss(run: Run) -> float:
     run.forward.eval()
     losses = torch.zeros(cfg.eval_steps, device=run.device)
     for i in range(cfg.eval_steps):
-        x, y = sample_batch(run.val_tokens, cfg.batch_size, T, gen, run.device)
+        x, y = sample_batch(
+            run.val_tokens, cfg.batch_size, T, gen, run.device, run.dist.rank, run.dist.world_size
+        )
         with autocast(run.device, cfg.dtype):
             losses[i] = lm_loss(run.forward(x), y)
     run.forward.train()
-    return losses.mean().item()
+    return distributed.mean(losses.mean(), run.dist).item()
 
 
 @torch.no_grad()
@@ -309,7 +347,8 @@ def flush_losses(run: Run) -> list[float]:
     if not run.pending:
         return []
     steps = [s for s, _ in run.pending]
-    values = torch.stack([t for _, t in run.pending]).tolist()
+    # Each rank's loss is the mean over its slice; their mean is the global batch's loss.
+    values = distributed.mean(torch.stack([t for _, t in run.pending]), run.dist).tolist()
     run.pending.clear()
     for step, value in zip(steps, values, strict=True):
         if not math.isfinite(value):
@@ -334,15 +373,19 @@ def save_checkpoint(run: Run, elapsed: float) -> None:
     # Never replace a good checkpoint with weights that diverged: the last step's loss can
     # be finite while its update already produced inf/NaN weights.
     flush_losses(run)
-    if not all(torch.isfinite(p).all() for p in run.model.parameters()):
+    if not distributed.weights_finite(run.model, run.dist):
         raise GptkitError(
             f"weights became non-finite at step {run.step}; {kept_checkpoint(run)} "
             "(try a lower --lr or --grad-clip)"
         )
-    ckpt.save_model(run.run_dir, run.model)
-    ckpt.save_train_state(run.run_dir, train_state(run, elapsed))
+    # Full states, gathered from the shards under FSDP (all ranks take part; rank 0 writes).
+    weights = distributed.full_weights(run.model)
+    optimizer = distributed.full_optimizer_state(run.model, run.optimizer)
+    if run.dist.is_main:
+        ckpt.save_weights(run.run_dir, weights, run.model.config)
+        ckpt.save_train_state(run.run_dir, train_state(run, elapsed, weights, optimizer))
+        plot_losses(run.run_dir)
     run.saved_step = run.step
-    plot_losses(run.run_dir)
 
 
 # --------------------------------------------------------------------------- signals
@@ -387,15 +430,33 @@ def stop_on_signals() -> Iterator[StopFlag]:
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
-    """Train (or resume) the run in `cfg.out`; returns the run directory."""
-    run = setup(cfg)
-    metrics = MetricsLog(run.run_dir / METRICS_FILE, run.saved_step if cfg.resume else None)
+    """Train (or resume) the run in `cfg.out`; returns the run directory.
+
+    Under torchrun every process calls this; they train one model together.
+    """
+    env, device = distributed.init(cfg.device)
+    try:
+        if cfg.fsdp and not env.enabled:
+            raise GptkitError("--fsdp shards across processes: launch with torchrun")
+        return _train(cfg, progress, env, device)
+    finally:
+        distributed.shutdown(env)
+
+
+def _train(
+    cfg: TrainConfig, progress: bool, env: distributed.DistEnv, device: torch.device
+) -> Path:
+    run = setup(cfg, env, device)
+    if env.is_main:
+        metrics = MetricsLog(run.run_dir / METRICS_FILE, run.saved_step if cfg.resume else None)
+    else:
+        metrics = distributed.NoMetrics()  # only rank 0 writes
     try:
         with stop_on_signals() as stop:
-            reason = loop(run, metrics, stop, progress)
+            reason = loop(run, metrics, stop, progress and env.is_main)
     finally:
         metrics.close()
-    if reason != "done":
+    if reason != "done" and env.is_main:
         print(
             f"{reason}: stopped at step {run.step}; checkpoint saved in {run.run_dir}\n"
             f"resume with: {resume_command(cfg)}",
@@ -427,6 +488,12 @@ def loop(run: Run, metrics: MetricsLog, stop: StopFlag, progress: bool) -> str:
             elapsed = run.elapsed_before + now - start
             done = run.step >= cfg.max_steps
             timed_out = cfg.max_time is not None and now - start >= cfg.max_time
+            if run.dist.enabled:  # all ranks stop at the same step, or none does
+                timed_out, signalled = distributed.any_rank(
+                    [timed_out, stop.signum is not None], run.dist
+                )
+                if signalled and stop.signum is None:
+                    stop.signum = signal.SIGTERM  # another rank was asked to stop
             # 2. log: the step's loss, learning rate and throughput since the last log
             if run.step % cfg.log_every == 0 or done:
                 loss = flush_losses(run)[-1]

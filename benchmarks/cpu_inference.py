@@ -1,0 +1,132 @@
+"""CPU decoding against the memory-bandwidth ceiling: fp32, bf16 and int8 weights, one run.
+
+1. Memory read bandwidth: the best of several sums over a 1 GiB fp32 tensor (far larger
+   than any cache), at the thread count decoding uses.
+2. Decode tokens/s at batch 1 for the `gpt2` preset (124M, random weights, greedy, KV
+   cache) with fp32, bf16 and int8 weights; the ceiling of each is bandwidth / bytes of
+   weights read per token (gptkit.quantize.weight_bytes_per_token; the KV cache of a
+   short context adds a few hundred KB and is left out).
+3. Perplexity on held-out text: a small model trained briefly on Shakespeare (characters),
+   evaluated on the whole val split with each kind of weights.
+
+    .venv/bin/python benchmarks/cpu_inference.py
+    .venv/bin/python benchmarks/cpu_inference.py --train-steps 0   # skip the perplexity part
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gptkit.config import GPTConfig, TrainConfig
+from gptkit.fileio import atomic_write_json
+from gptkit.generate import generate
+from gptkit.model import GPT
+from gptkit.quantize import quantize_model, weight_bytes_per_token
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+WEIGHTS = ("fp32", "bf16", "int8")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per run")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per kind (best kept)")
+    p.add_argument("--threads", type=int, default=None, help="default: torch's")
+    p.add_argument("--train-steps", type=int, default=300, help="0 skips the perplexity part")
+    p.add_argument("--text", default=str(SHAKESPEARE), help="text for the perplexity part")
+    p.add_argument("--json", metavar="OUT", help="also write the results as JSON here")
+    return p.parse_args(argv)
+
+
+def read_bandwidth(repeats: int = 5, gib: float = 1.0) -> float:
+    """Bytes/s of the best `sum` over a tensor of `gib` GiB."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    x.sum()  # touch every page first
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.nbytes / best
+
+
+def decode_speed(model: GPT, new_tokens: int, repeats: int) -> float:
+    """Best tokens/s of greedy batch-1 decoding after a 16-token prompt."""
+    idx = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator())
+    generate(model, idx, 4, temperature=0)  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        generate(model, idx, new_tokens, temperature=0)
+        best = min(best, time.perf_counter() - start)
+    return new_tokens / best
+
+
+def perplexities(text: str, steps: int) -> dict[str, Any]:
+    """Train a small char model for `steps` steps; val perplexity with each kind of weights."""
+    from gptkit.checkpoint import load_model
+    from gptkit.data import open_split, prepare
+    from gptkit.train import evaluate_full, train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data, out = Path(tmp) / "data", Path(tmp) / "run"
+        prepare([text], str(data), "char", None, 0.1, "strict", progress=False)
+        cfg = TrainConfig(
+            data=str(data), out=str(out), preset="gpt2", n_layer=4, n_head=4, d_model=128,
+            context_length=128, batch_size=16, max_steps=steps, warmup_steps=min(50, steps),
+            lr=2e-3, min_lr=2e-4, eval_every=0, device="cpu",
+        )  # fmt: skip
+        start = time.perf_counter()
+        train(cfg, progress=False)
+        train_s = time.perf_counter() - start
+        val = np.asarray(open_split(data, "val"))
+        result: dict[str, Any] = {"train_steps": steps, "train_seconds": train_s}
+        for w in WEIGHTS:
+            model = quantize_model(load_model(out), w)
+            result[w] = math.exp(evaluate_full(model, val, 16, 128))
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result: dict[str, Any] = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    bandwidth = read_bandwidth()
+    result["read_bandwidth_gb_s"] = bandwidth / 1e9
+    print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s ({torch.get_num_threads()} threads)")
+    torch.manual_seed(0)
+    base = GPT(GPTConfig.from_preset("gpt2")).eval()
+    print(f"{'weights':<8} {'MB/token':>9} {'ceiling tok/s':>14} {'tok/s':>8} {'of ceiling':>10}")
+    for w in WEIGHTS:
+        model = quantize_model(copy.deepcopy(base), w)
+        per_token = weight_bytes_per_token(model)
+        ceiling = bandwidth / per_token
+        speed = decode_speed(model, args.new_tokens, args.repeats)
+        result[w] = {"bytes_per_token": per_token, "ceiling": ceiling, "tokens_per_s": speed}
+        print(f"{w:<8} {per_token / 1e6:9.1f} {ceiling:14.1f} {speed:8.1f} {speed / ceiling:10.0%}")
+        del model
+    if args.train_steps:
+        ppl = perplexities(args.text, args.train_steps)
+        result["perplexity"] = ppl
+        print(
+            f"val perplexity after {args.train_steps} steps ({ppl['train_seconds']:.0f} s): "
+            + ", ".join(f"{w} {ppl[w]:.4f}" for w in WEIGHTS)
+            + f"; int8/fp32 - 1 = {ppl['int8'] / ppl['fp32'] - 1:+.3%}"
+        )
+    if args.json:
+        atomic_write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

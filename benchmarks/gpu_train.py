@@ -1,0 +1,193 @@
+"""Training throughput and MFU of the `gpt2` preset (124M) on one GPU, plus decode speed.
+
+bf16 autocast, fused attention (SDPA), torch.compile, fused AdamW, gradient clipping, and
+the largest micro-batch (power of two, at most 64) that `gptkit.plan` expects to fit in
+80% of the card. Data are random token ids: this measures the model and the optimizer,
+not a data loader. MFU = (6 N + 12 L d T) FLOPs per token x tokens/s / dense bf16 peak
+(the script knows H100/H200/A100 and others from gptkit.plan.GPUS; --peak-tflops
+overrides). Decoding: greedy, KV cache, bf16 weights, batch 1 and 64.
+
+    python benchmarks/gpu_train.py                     # on a GPU, ~2-3 minutes
+    python benchmarks/gpu_train.py --tiny --no-compile # tiny model on CPU, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import time
+from typing import Any
+
+import torch
+
+from gptkit.config import GPTConfig
+from gptkit.generate import generate
+from gptkit.model import GPT
+from gptkit.plan import GPUS, attention_flops_per_token, matmul_params, memory_per_device
+from gptkit.quantize import quantize_model
+from gptkit.train import lm_loss
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="a tiny gpt2-family model (CPU test)")
+    p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
+    p.add_argument("--batch-size", type=int, default=None, help="default: fill the card")
+    p.add_argument("--steps", type=int, default=None, help="timed training steps")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps (compilation)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak")
+    p.add_argument("--decode-batches", default="1,64", help="batch sizes for decoding")
+    p.add_argument("--decode-tokens", type=int, default=None, help="new tokens per decode")
+    p.add_argument("--json", metavar="OUT", help="also write the results as JSON here")
+    return p.parse_args(argv)
+
+
+def model_config(tiny: bool) -> GPTConfig:
+    if tiny:
+        return GPTConfig.from_preset(
+            "gpt2", vocab_size=512, context_length=64, n_layer=2, n_head=2, d_model=64
+        )
+    return GPTConfig.from_preset("gpt2")
+
+
+def peak_tflops(device: torch.device, given: float | None) -> tuple[str, float | None]:
+    """(device name, dense bf16 TFLOP/s) from --peak-tflops or the known-GPU table."""
+    if device.type != "cuda":
+        return platform.processor() or "cpu", given
+    name = torch.cuda.get_device_name(device)
+    if given is not None:
+        return name, given
+    key = name.lower()
+    for short in ("h200", "h100", "b200", "a100", "l40s", "l4", "mi300x"):
+        if short in key.replace(" ", ""):
+            if short == "h100" and "pcie" in key:
+                short = "h100-pcie"
+            return name, GPUS[short].bf16_tflops
+    return name, None
+
+
+def fill_batch(config: GPTConfig, device: torch.device) -> int:
+    """Largest power-of-two micro-batch <= 64 whose planned memory is <= 80% of the card."""
+    if device.type != "cuda":
+        return 4
+    free = torch.cuda.get_device_properties(device).total_memory * 0.8
+    batch = 1
+    while batch < 64:
+        need = sum(memory_per_device(config, 1, "ddp", 2 * batch, "bfloat16", False).values())
+        if need > free:
+            break
+        batch *= 2
+    return batch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_training(
+    model: GPT, batch: int, steps: int, warmup: int, compile: bool, device: torch.device
+) -> dict[str, Any]:
+    config = model.config
+    T = config.context_length
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True
+    )
+    forward = torch.compile(model) if compile else model
+    g = torch.Generator(device="cpu").manual_seed(0)
+    data = torch.randint(0, config.vocab_size, (8, batch, T + 1), generator=g).to(device)
+
+    def step(i: int) -> torch.Tensor:
+        x, y = data[i % 8, :, :-1], data[i % 8, :, 1:]
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = lm_loss(forward(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    start = time.perf_counter()
+    for i in range(warmup):
+        step(i)
+    sync(device)
+    warm_s = time.perf_counter() - start
+    start = time.perf_counter()
+    losses = [step(i) for i in range(steps)]
+    sync(device)
+    seconds = time.perf_counter() - start
+    tokens_per_s = batch * T * steps / seconds
+    flops_per_token = 6 * matmul_params(config) + attention_flops_per_token(config)
+    return {
+        "batch": batch,
+        "context": T,
+        "steps": steps,
+        "warmup_seconds": warm_s,
+        "step_ms": 1000 * seconds / steps,
+        "tokens_per_s": tokens_per_s,
+        "tflops": flops_per_token * tokens_per_s / 1e12,
+        "final_loss": float(losses[-1]),
+        "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9
+        if device.type == "cuda"
+        else None,
+    }
+
+
+def bench_decode(model: GPT, batch: int, new_tokens: int, device: torch.device) -> float:
+    """Greedy decoding tokens/s (all rows) after one untimed warm-up run."""
+    g = torch.Generator(device="cpu").manual_seed(batch)
+    idx = torch.randint(0, model.config.vocab_size, (batch, 16), generator=g).to(device)
+    generate(model, idx, 4, temperature=0)
+    sync(device)
+    start = time.perf_counter()
+    out = generate(model, idx, new_tokens, temperature=0)
+    sync(device)
+    return batch * (out.shape[1] - 16) / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    config = model_config(args.tiny)
+    name, peak = peak_tflops(device, args.peak_tflops)
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    batch = args.batch_size or fill_batch(config, device)
+    steps = args.steps or (3 if args.tiny else 50)
+    warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 10)
+    result: dict[str, Any] = {
+        "device": name,
+        "torch": torch.__version__,
+        "params": config.num_parameters(),
+        "peak_tflops": peak,
+    }
+    result["train"] = train = bench_training(model, batch, steps, warmup, args.compile, device)
+    train["mfu"] = None if peak is None else train["tflops"] / peak
+    decode_model = quantize_model(copy.deepcopy(model), "bf16").eval()
+    new_tokens = args.decode_tokens or (8 if args.tiny else 128)
+    result["decode_tokens_per_s"] = {
+        b: bench_decode(decode_model, b, new_tokens, device)
+        for b in (int(s) for s in args.decode_batches.split(","))
+    }
+    mfu = "n/a (unknown peak)" if train["mfu"] is None else f"{train['mfu']:.1%}"
+    print(f"{name}, torch {torch.__version__}, {config.num_parameters() / 1e6:.1f}M params")
+    print(
+        f"train: batch {batch} x {config.context_length}, {train['step_ms']:.1f} ms/step, "
+        f"{train['tokens_per_s']:,.0f} tokens/s, {train['tflops']:.1f} TFLOP/s, MFU {mfu} "
+        f"(compile + warm-up {train['warmup_seconds']:.0f} s)"
+    )
+    for b, speed in result["decode_tokens_per_s"].items():
+        print(f"decode: batch {b}, {speed:,.1f} tokens/s (bf16 weights, greedy, KV cache)")
+    if args.json:
+        from gptkit.fileio import atomic_write_json
+
+        atomic_write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

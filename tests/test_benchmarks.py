@@ -1,0 +1,40 @@
+"""The benchmark scripts of this issue run end to end on CPU at a tiny size."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_train_runs_tiny_on_cpu(tmp_path, capsys):
+    """Guards benchmarks/gpu_train.py: training, MFU arithmetic and decoding run end to end
+    (here on CPU, tiny), so the script works when a GPU session gets its one chance."""
+    gpu_train = load_script("gpu_train")
+    out = tmp_path / "r.json"
+    args = ["--tiny", "--no-compile", "--device", "cpu", "--steps", "2", "--warmup", "1"]
+    args += ["--decode-batches", "1,2", "--decode-tokens", "3", "--peak-tflops", "0.5"]
+    result = gpu_train.main([*args, "--json", str(out)])
+    train = result["train"]
+    assert train["tokens_per_s"] > 0 and train["final_loss"] > 0
+    assert train["mfu"] == pytest.approx(train["tflops"] / 0.5)
+    assert set(json.loads(out.read_text())["decode_tokens_per_s"]) == {"1", "2"}
+    assert "MFU" in capsys.readouterr().out
+
+
+def test_gpu_peaks_are_known_for_h100_and_h200():
+    """Guards the peak lookup the MFU figure divides by."""
+    gpu_train = load_script("gpu_train")
+    assert gpu_train.GPUS["h100"].bf16_tflops == pytest.approx(989.4)
+    assert gpu_train.GPUS["h200"].bf16_tflops == pytest.approx(989.4)

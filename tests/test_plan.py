@@ -1,0 +1,124 @@
+"""The training-cost planner: FLOPs against the GPT-3 paper, memory against a real step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd.graph import saved_tensors_hooks
+
+from gptkit.cli import main
+from gptkit.config import GPTConfig
+from gptkit.errors import GptkitError
+from gptkit.model import GPT
+from gptkit.plan import (
+    activation_bytes,
+    block_params,
+    estimate,
+    memory_per_device,
+    parse_count,
+    training_flops,
+)
+from gptkit.train import lm_loss
+
+
+def test_gpt3_175b_on_300b_tokens_costs_the_papers_flops():
+    """Guards the FLOP count: Brown et al. 2020 (Table D.1) give 3.14e23 for 175B x 300B."""
+    config = GPTConfig.from_preset("gpt3-175b")
+    matmul, attention = training_flops(config, 300e9)
+    assert matmul + attention == pytest.approx(3.14e23, rel=0.05)
+    assert matmul == pytest.approx(3.14e23, rel=0.01)  # the paper's 6NT
+    assert 0 < attention < 0.05 * matmul
+
+
+def test_block_params_is_one_layer_of_the_closed_form():
+    """Guards the FSDP unit size: L blocks + embeddings + final norm = the whole model."""
+    c = GPTConfig.from_preset("gpt2")
+    rest = c.vocab_size * c.d_model + c.context_length * c.d_model + 2 * c.d_model
+    assert c.n_layer * block_params(c) + rest == c.num_parameters()
+    assert block_params(c) == 12 * c.d_model**2 + 13 * c.d_model
+
+
+def measured_training_bytes(config: GPTConfig, batch: int) -> tuple[int, int]:
+    """(activation bytes, total bytes) of one fp32 AdamW step on CPU, counted from tensors:
+    storages autograd saves for backward (parameters excluded) plus the logits the step
+    holds, then parameters, gradients and Adam moments."""
+    model = GPT(config)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    x = torch.randint(0, config.vocab_size, (batch, config.context_length))
+    with saved_tensors_hooks(pack, lambda t: t):
+        logits = model(x)
+        loss = lm_loss(logits, x)
+    saved.setdefault(logits.untyped_storage().data_ptr(), logits.untyped_storage().nbytes())
+    optimizer = torch.optim.AdamW(model.parameters())
+    loss.backward()
+    optimizer.step()
+    states = sum(
+        t.nbytes for s in optimizer.state.values() for t in s.values() if t.dim() > 0
+    )  # exp_avg, exp_avg_sq (the step counters are scalars)
+    weights = sum(p.nbytes for p in model.parameters())
+    grads = sum(p.grad.nbytes for p in model.parameters())
+    activations = sum(saved.values())
+    return activations, weights + grads + states + activations
+
+
+@pytest.mark.parametrize("family", ["gpt2", "seed-tiny"])
+def test_memory_estimate_matches_what_a_training_step_allocates(family):
+    """Guards the memory model: within 10% of the tensors a real fp32 step holds (pre-LN
+    GPT-2 and post-LN seed blocks), activations alone within 10% too."""
+    config = GPTConfig.from_preset(
+        family, vocab_size=512, context_length=128, n_layer=4, n_head=4, d_model=128
+    )
+    activations, total = measured_training_bytes(config, batch=4)
+    estimated = memory_per_device(config, 1, "ddp", 4, "float32", False)
+    assert estimated["activations"] == pytest.approx(activations, rel=0.10)
+    assert sum(estimated.values()) == pytest.approx(total, rel=0.10)
+
+
+def test_sharding_and_checkpointing_reduce_memory():
+    """Guards the strategy terms: FSDP divides the states, checkpointing the activations."""
+    c = GPTConfig.from_preset("gpt3-xl")
+    ddp = memory_per_device(c, 8, "ddp", 4, "bfloat16", False)
+    fsdp = memory_per_device(c, 8, "fsdp", 4, "bfloat16", False)
+    assert fsdp["AdamW moments (fp32)"] * 8 == ddp["AdamW moments (fp32)"]
+    full = sum(activation_bytes(c, 4, "bfloat16").values())
+    ac = sum(activation_bytes(c, 4, "bfloat16", checkpointing=True).values())
+    assert ac < full / 3
+
+
+def test_plan_time_and_fit():
+    """Guards time = FLOPs / (gpus x peak x MFU) and the fits verdict."""
+    p = estimate(GPTConfig.from_preset("gpt2"), gpus=8, gpu="h100", tokens=10e9, mfu=0.5)
+    assert p.seconds == pytest.approx(p.flops / (8 * 989.4e12 * 0.5))
+    assert p.gpu_hours == pytest.approx(p.seconds * 8 / 3600)
+    assert p.fits
+    big = estimate(GPTConfig.from_preset("gpt3-175b"), gpus=8, gpu="h100", tokens=1e9)
+    assert not big.fits
+
+
+@pytest.mark.parametrize(
+    "text,value", [("300e9", 300e9), ("300B", 300e9), ("1.4T", 1.4e12), ("2.5m", 2.5e6)]
+)
+def test_parse_count(text, value):
+    """Guards the --tokens formats."""
+    assert parse_count(text) == pytest.approx(value)
+
+
+def test_plan_command(capsys):
+    """Guards `gptkit plan`: the report and its one-line errors."""
+    assert main(["plan", "gpt3-175b", "--gpus", "1024", "--tokens", "300B", "--strategy",
+                 "fsdp", "--activation-checkpointing"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "3.23e+23" in out and "fits" in out and "GPU-hours" in out
+    assert main(["plan", "gpt2", "--gpus", "1", "--gpu", "tpu"]) == 2
+    assert "unknown GPU 'tpu'" in capsys.readouterr().err
+    assert main(["plan", "gpt2", "--gpus", "1", "--tokens", "lots"]) == 2
+    with pytest.raises(GptkitError):
+        estimate(GPTConfig.from_preset("gpt2"), gpus=0)
