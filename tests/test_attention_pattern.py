@@ -8,6 +8,8 @@ from conftest import tiny_config
 from test_config import GPT3_TABLE, closed_form
 
 from gptkit.config import GPTConfig
+from gptkit.convert import config_to_hf
+from gptkit.errors import GptkitError
 from gptkit.generate import generate
 from gptkit.model import GPT, KVCache, banded_causal_mask, reference_attention
 
@@ -167,3 +169,10 @@ def test_gpt3_presets_build_on_meta_with_their_counts(name: str) -> None:
     count = model.num_parameters()
     assert count == cfg.num_parameters() == closed_form(cfg)
     assert abs(count - GPT3_TABLE[name]) / GPT3_TABLE[name] < 0.02
+
+
+def test_banded_models_are_not_exported_as_dense_gpt2() -> None:
+    """Guards an alternating model exported to Hugging Face GPT-2, which would run it dense."""
+    with pytest.raises(GptkitError, match="local band"):
+        config_to_hf(alternating())
+    config_to_hf(alternating(attn_band=32))  # a band as long as the context is dense
