@@ -10,18 +10,21 @@ from gptkit.model import GPT, KVCache, SlotKVCache
 
 
 def _prefill(model: GPT, ids: list[int], max_len: int) -> tuple[KVCache, torch.Tensor]:
-    cache = KVCache(model.config, 1, max_len)
+    cache = KVCache(model.config, 1, max_len, ring_buffers=False)
     logits = model(torch.tensor([ids]), cache)[:, -1]  # (1, V)
     return cache, logits
 
 
-@pytest.mark.parametrize("family", ["seed", "gpt2"])
+@pytest.mark.parametrize("family", ["seed", "gpt2", "banded"])
 @pytest.mark.parametrize("reference", [False, True])
 def test_batched_rows_at_different_lengths_match_each_row_alone(family, reference):
     """Guards per-row positions, cache writes and key masks: a row decoded next to longer
     or shorter rows must get exactly the logits it gets alone (stale keys of a previous,
-    longer occupant must stay masked)."""
-    model = GPT(tiny_config(family)).eval()
+    longer occupant must stay masked; a banded layer's keys past its band too)."""
+    if family == "banded":  # GPT-3's alternating layers, a band shorter than the rows
+        model = GPT(tiny_config("gpt2", attention="alternating", attn_band=4)).eval()
+    else:
+        model = GPT(tiny_config(family)).eval()
     model.set_reference_attention(reference)
     C = model.config.context_length
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13, 14, 15, 16]]
@@ -61,6 +64,14 @@ def test_move_keeps_a_row_decoding_identically():
         out = model(torch.tensor([[7], [8]]), slots)[:, -1]
         alone = model(torch.tensor([[8]]), cache_b)[:, -1]
     torch.testing.assert_close(out[1:], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_ring_buffered_cache_cannot_fill_a_slot():
+    """Guards a silent mix-up: a ring buffer holds other positions than a slot expects."""
+    model = GPT(tiny_config("gpt2", attention="alternating", attn_band=4)).eval()
+    cache = KVCache(model.config, 1, 16)
+    with pytest.raises(ValueError, match="ring"):
+        SlotKVCache(model.config, n_slots=2).load(0, cache)
 
 
 def test_slot_cache_refuses_to_overflow():

@@ -212,7 +212,9 @@ class Scheduler:
             seq.cancel()
             return
         ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)  # (1, T)
-        prefill = KVCache(self.model.config, 1, ids.shape[1], self.device, self.dtype)
+        prefill = KVCache(
+            self.model.config, 1, ids.shape[1], self.device, self.dtype, ring_buffers=False
+        )
         h = self.model.hidden_states(ids, prefill)  # (1, T, C)
         p = seq.params
         if p.prompt_logprobs and p.logprobs is not None:

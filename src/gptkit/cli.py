@@ -7,6 +7,7 @@
     gptkit eval MODEL FILE... [--stride S] [--batch-size B] [--context-length N]
     gptkit serve RUN [--port 8000] [--api-key KEY] [--max-batch 32]
     gptkit demo
+    gptkit explain RUN --prompt TEXT [--out DIR]
     gptkit presets
     gptkit plan PRESET --gpus N [--gpu h100] [--tokens 300B] [--strategy fsdp]
 
@@ -218,6 +219,37 @@ def demo(
     run_demo(data, out, minutes, seed)
 
 
+def explain(
+    model: str,
+    *,
+    prompt: str,
+    out: str | None = None,
+    top_k: int = 10,
+    top_p: float = 0.9,
+    device: str = "cpu",
+) -> None:
+    """Show the model's steps on a prompt: tokens, embeddings, attention, norms, FFN, next token.
+
+    Args:
+        model: run or model directory (config.json, model.safetensors, tokenizer.json)
+        prompt: text to run through the model (at most its context length in tokens)
+        out: directory for attention.png, norms_and_top.png and a self-contained explain.html
+        top_k: how many of the most likely next tokens to list
+        top_p: mark the smallest set of next tokens whose probability reaches P (the top-p cut)
+        device: cpu, cuda, or cuda:N
+    """
+    from gptkit.checkpoint import load
+    from gptkit.explain import check_cut, explain, render_text, write_report
+
+    check_cut(top_k, top_p)  # option mistakes before the (slow) model load
+    net, tokenizer = load(model, device=device)
+    ex = explain(net, tokenizer, prompt, top_k, top_p)
+    print(render_text(ex))
+    if out is not None:
+        files = write_report(ex, out)
+        print(f"\nwrote {', '.join(str(f) for f in files)}")
+
+
 def presets() -> None:
     """List the model presets with their shapes and parameter counts."""
     from gptkit.config import PRESETS, GPTConfig
@@ -376,6 +408,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "eval": evaluate,
     "serve": serve,
     "demo": demo,
+    "explain": explain,
     "presets": presets,
     "plan": plan,
 }

@@ -99,6 +99,8 @@ def config_to_hf(config: GPTConfig, eot_id: int | None = None) -> dict[str, Any]
         reasons.append("it has no biases")
     if config.embed_scale:
         reasons.append("it scales its token embeddings by sqrt(d_model)")
+    if config.attention != "dense" and config.attn_band < config.context_length:
+        reasons.append("its odd layers attend to a local band (GPT-2 is dense)")
     if reasons:
         raise GptkitError("cannot export to Hugging Face GPT-2: " + "; ".join(reasons))
     hf: dict[str, Any] = {

@@ -60,6 +60,12 @@ class KVCache:
     It holds tensors and a position, nothing of the model. `GPT.forward` writes the new
     keys and values of each layer at [pos, pos + T) and, after the last layer, advances
     `pos` by T in one explicit step.
+
+    A banded layer (`config.attention == "alternating"`) never looks further back than its
+    band, so when the band is shorter than `max_len` its keys and values live in a ring
+    buffer of `band` positions instead (position p in slot p % band); `self.k`/`self.v`
+    then hold only the dense layers, `self.slot[layer]` says where. `ring_buffers=False`
+    keeps every layer at full length (a server copies such a cache into a `SlotKVCache`).
     """
 
     def __init__(
@@ -69,8 +75,26 @@ class KVCache:
         max_len: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        ring_buffers: bool = True,
     ) -> None:
-        self.max_len, self.k, self.v = _cache_tensors(config, batch_size, max_len, device, dtype)
+        self.max_len = config.context_length if max_len is None else max_len
+        if not 1 <= self.max_len <= config.context_length:
+            raise ValueError(f"max_len must be in [1, {config.context_length}], got {self.max_len}")
+        bands = [config.attn_band_of(i) for i in range(config.n_layer)]
+        ringed = [
+            i for i, b in enumerate(bands) if ring_buffers and b is not None and b < self.max_len
+        ]
+        dense = [i for i in range(config.n_layer) if i not in ringed]
+        self.slot = {layer: n for n, layer in enumerate(dense)} | {
+            layer: n for n, layer in enumerate(ringed)
+        }
+        self.ringed = frozenset(ringed)
+        shape = (len(dense), batch_size, config.n_head, self.max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L_dense, B, H, S_max, D)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        ring = (len(ringed), batch_size, config.n_head, config.attn_band, config.head_dim)
+        self.ring_k = torch.zeros(ring, device=device, dtype=dtype)  # (L_banded, B, H, W, D)
+        self.ring_v = torch.zeros(ring, device=device, dtype=dtype)
         self.pos = 0
 
     @property
@@ -80,11 +104,37 @@ class KVCache:
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (B, H, T, D) keys/values at [pos, pos + T); return all S = pos + T of them."""
+        """Store (B, H, T, D) keys/values at [pos, pos + T); return all S = pos + T of them.
+
+        For a ring-buffered layer: the S <= band - 1 + T most recent ones, positions
+        [pos + T - S, pos + T), which is all its band lets the new queries see.
+        """
+        if layer in self.ringed:
+            return self._update_ring(self.slot[layer], k, v)
+        layer = self.slot[layer]
         end = self.pos + k.shape[2]
         self.k[layer, :, :, self.pos : end] = k
         self.v[layer, :, :, self.pos : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def _update_ring(
+        self, i: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        W, T, pos = self.ring_k.shape[3], k.shape[2], self.pos
+        # The cached positions a new query can still see: [pos - W + 1, pos), in order.
+        past = torch.arange(max(0, pos - W + 1), pos, device=k.device) % W
+        k_all = torch.cat([self.ring_k[i][:, :, past], k], dim=2)  # (B, H, S, D)
+        v_all = torch.cat([self.ring_v[i][:, :, past], v], dim=2)
+        # Keep the last min(T, W) new positions for the next call.
+        n = min(T, W)
+        slots = torch.arange(pos + T - n, pos + T, device=k.device) % W
+        self.ring_k[i][:, :, slots] = k[:, :, T - n :]
+        self.ring_v[i][:, :, slots] = v[:, :, T - n :]
+        return k_all, v_all
+
+    def positions_held(self, layer: int) -> int:
+        """How many positions of keys (and of values) `layer` can hold: its memory."""
+        return self.ring_k.shape[3] if layer in self.ringed else self.max_len
 
     def advance(self, n: int) -> None:
         self.pos += n
@@ -126,12 +176,13 @@ class SlotKVCache:
         return self.lengths[:B, None] + torch.arange(T, device=self.lengths.device)
 
     def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, band: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Store (B, H, T, D) keys/values at each row's own positions.
 
         Returns keys and values (B, H, S, D), S = the longest row's new length, and the
-        boolean key mask (B, 1, T, S): query t of row r sees key s iff s <= lengths[r] + t.
+        boolean key mask (B, 1, T, S): query t of row r sees key s iff s <= lengths[r] + t
+        (and, for a banded layer, s > lengths[r] + t - band).
         """
         B, _, T, _ = k.shape
         pos = self.positions(B, T)  # (B, T)
@@ -141,13 +192,20 @@ class SlotKVCache:
         S = int(self.lengths[:B].max()) + T
         keys = torch.arange(S, device=pos.device)  # (S,)
         mask = keys[None, None, :] <= pos[:, :, None]  # (B, T, S)
+        if band is not None:
+            mask &= keys[None, None, :] > pos[:, :, None] - band
         return self.k[layer, :B, :, :S], self.v[layer, :B, :, :S], mask[:, None]
 
     def advance(self, B: int, n: int) -> None:
         self.lengths[:B] += n
 
     def load(self, row: int, cache: KVCache, batch_row: int = 0) -> None:
-        """Copy the filled part of a (prefilled) `KVCache` row into slot `row`."""
+        """Copy the filled part of a (prefilled) `KVCache` row into slot `row`.
+
+        The cache must keep every layer at full length (`ring_buffers=False`).
+        """
+        if cache.ringed:
+            raise ValueError("a ring-buffered KVCache cannot fill a slot; use ring_buffers=False")
         n = cache.pos
         if n > self.max_len:
             raise ValueError(f"{n} cached positions do not fit a slot of {self.max_len}")
@@ -166,9 +224,10 @@ class SlotKVCache:
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention. q, k, v come from one fused projection (`c_attn`)."""
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, band: int | None = None) -> None:
         super().__init__()
         self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.band = band  # None: dense causal; else query t sees keys (t - band, t]
         self.c_attn = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
         # The spec concatenates the heads and stops; GPT-2/3 add an output projection.
         self.c_proj = (
@@ -179,6 +238,9 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.reference = False  # True: explicit softmax(QK^T/sqrt(D))V instead of SDPA
+        # The reference path's (B, H, T, S) weights pass through here: a forward-hook point
+        # (`gptkit explain` reads them) that holds no parameters and computes nothing.
+        self.attn_weights = nn.Identity()
 
     def forward(
         self, x: torch.Tensor, kv_cache: KVCache | SlotKVCache | None = None, layer: int = 0
@@ -190,18 +252,18 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         if isinstance(kv_cache, SlotKVCache):  # rows at different lengths: a mask per row
-            k, v, mask = kv_cache.update(layer, k, v)  # (B, H, S, D), mask (B, 1, T, S)
+            k, v, mask = kv_cache.update(layer, k, v, self.band)  # mask (B, 1, T, S)
             y = masked_attention(q, k, v, mask, self.reference)
             y = y.transpose(1, 2).contiguous().view(B, T, C)
             return self.resid_dropout(self.c_proj(y) if self.c_proj is not None else y)
-        offset = 0
         if kv_cache is not None:
-            offset = kv_cache.pos
-            k, v = kv_cache.update(layer, k, v)  # (B, H, S, D), S = offset + T
+            k, v = kv_cache.update(layer, k, v)  # (B, H, S, D): the S keys up to the last query
+        offset = k.shape[2] - T  # the queries are the last T of the S key positions
         if self.reference:
-            y = reference_attention(q, k, v, offset)
+            y = self.attn_weights(attention_weights(q, k, offset, self.band)) @ v  # (B, H, T, D)
         else:
-            y = _fast_attention(q, k, v, offset, self.dropout if self.training else 0.0)
+            p = self.dropout if self.training else 0.0
+            y = _fast_attention(q, k, v, offset, p, self.band)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads concatenated
         if self.c_proj is not None:
             y = self.c_proj(y)
@@ -215,20 +277,39 @@ def causal_mask(T: int, S: int, device: torch.device | None = None) -> torch.Ten
     return torch.arange(S, device=device)[None, :] <= rows
 
 
+def banded_causal_mask(
+    T: int, S: int, band: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """(T, S) bool, True where query t (at position S - T + t) may see key s: causal and
+    within the band, S - T + t - band < s <= S - T + t (GPT-3's locally banded layers)."""
+    offset = S - T
+    rows = torch.arange(T, device=device)[:, None] + offset  # (T, 1) query positions
+    cols = torch.arange(S, device=device)[None, :]  # (1, S) key positions
+    return (cols <= rows) & (cols > rows - band)
+
+
 def reference_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int = 0
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int = 0, band: int | None = None
 ) -> torch.Tensor:
     """The spec's attention, written out: softmax(Q K^T / sqrt(D), causal) V.
 
     q (B, H, T, D) at positions [offset, offset + T); k, v (B, H, S, D) at [0, S).
-    Returns (B, H, T, D). The plain path the fast one is tested against.
+    With `band`, query t sees only the keys (t - band, t]. Returns (B, H, T, D).
+    The plain path the fast one is tested against.
     """
+    return attention_weights(q, k, offset, band) @ v  # (B, H, T, D)
+
+
+def attention_weights(
+    q: torch.Tensor, k: torch.Tensor, offset: int = 0, band: int | None = None
+) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(D), causal or banded): (B, H, T, S), each row sums to 1."""
     T, S = q.shape[2], k.shape[2]
     assert offset + T == S, "keys must cover every position up to the last query"
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, S)
-    scores = scores.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
-    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # rows sum to 1
-    return weights @ v  # (B, H, T, D)
+    mask = causal_mask(T, S, q.device) if band is None else banded_causal_mask(T, S, band, q.device)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype)  # rows sum to 1
 
 
 def masked_attention(
@@ -246,10 +327,18 @@ def masked_attention(
 
 
 def _fast_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int, dropout_p: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offset: int,
+    dropout_p: float,
+    band: int | None = None,
 ) -> torch.Tensor:
     """Fused scaled_dot_product_attention with the same causal semantics as the reference."""
     T, S = q.shape[2], k.shape[2]
+    if band is not None and band < S:  # some key is out of some query's band: explicit mask
+        mask = banded_causal_mask(T, S, band, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     if T == S:  # no cache or empty cache: plain causal attention
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
     if T == 1:  # one new token sees every cached key
@@ -306,11 +395,11 @@ class Block(nn.Module):
     pre-LN (GPT-2/3): x = x + sublayer(LN(x)).
     """
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, band: int | None = None) -> None:
         super().__init__()
         self.post_norm = config.norm == "post"
         self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, band)
         self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
@@ -339,7 +428,7 @@ class GPT(nn.Module):
             pe = sinusoidal_positions(config.context_length, config.d_model)
             self.register_buffer("pe", pe, persistent=False)
         self.drop = nn.Dropout(config.dropout)
-        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.h = nn.ModuleList(Block(config, config.attn_band_of(i)) for i in range(config.n_layer))
         self.ln_f = (
             nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
             if config.final_norm

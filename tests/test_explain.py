@@ -1,0 +1,147 @@
+"""`gptkit explain`: the numbers it shows are the model's own, and its files are valid."""
+
+from __future__ import annotations
+
+import base64
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+from test_cli import assert_one_line_error, run_cli
+
+from gptkit.checkpoint import load, save_model
+from gptkit.explain import explain, render_text
+from gptkit.model import GPT, reference_attention
+from gptkit.tokenizer import CharTokenizer
+
+TEXT = "To be, or not to be, that is the question.\n"
+PROMPT = "to be or not"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def save_tiny(directory: Path, family: str) -> Path:
+    """A tiny random model (the gpt2 one with banded layers) and its tokenizer on disk."""
+    torch.manual_seed(0)
+    tok = CharTokenizer.from_texts([TEXT])
+    extra = dict(attention="alternating", attn_band=4) if family == "gpt2" else {}
+    cfg = tiny_config(family, vocab_size=tok.vocab_size, context_length=16, **extra)
+    save_model(directory, GPT(cfg))
+    tok.save(directory)
+    return directory
+
+
+@pytest.fixture(scope="module", params=["gpt2", "seed"])
+def model_dir(request, tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp(f"explain-{request.param}"), request.param)
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("explain-files"), "gpt2")
+
+
+def test_numbers_are_the_models_own(model_dir: Path) -> None:
+    """Guards explain showing numbers from a different computation than the model's forward."""
+    model, tok = load(model_dir)
+    ex = explain(model, tok, PROMPT, top_k=5, top_p=0.5)
+    idx = torch.tensor([tok.encode(PROMPT)])
+    logits = model(idx)[0, -1]
+    probs = torch.softmax(logits.double(), dim=-1)
+    # 8. the top-1 probability is softmax of the model's last logits
+    assert ex.top[0]["id"] == int(probs.argmax())
+    assert ex.top[0]["prob"] == pytest.approx(probs.max().item(), abs=1e-6)
+    torch.testing.assert_close(ex.logits, logits)
+    # 1. tokens and ids
+    T = len(ex.ids)
+    assert ex.ids == tok.encode(PROMPT) and "".join(ex.tokens) == PROMPT
+    # 2. the embedding rows are the table's rows
+    torch.testing.assert_close(ex.embed, model.wte.weight[idx[0]].detach())
+    pos = model.wpe.weight[:T] if model.config.positional == "learned" else model.pe[:T]
+    torch.testing.assert_close(ex.position, pos.detach())
+    scale = model.config.d_model**0.5 if model.config.embed_scale else 1.0
+    torch.testing.assert_close(ex.block_input, ex.embed * scale + ex.position)
+    # 4. attention rows sum to 1, are causal, and equal reference_attention's weights
+    for layer, w in enumerate(ex.attention):
+        assert w.shape == (model.config.n_head, T, T)
+        torch.testing.assert_close(w.sum(-1), torch.ones(model.config.n_head, T))
+        assert torch.all(w.triu(1) == 0)
+        band = model.config.attn_band_of(layer)
+        if band is not None:
+            assert torch.all(w.tril(-band) == 0)
+    x = (
+        model.h[0].ln_1(ex.block_input[None])
+        if model.config.norm == "pre"
+        else ex.block_input[None]
+    )
+    q, k, _ = model.h[0].attn.c_attn(x).split(model.config.d_model, dim=2)
+    H, D = model.config.n_head, model.config.head_dim
+    q = q.view(1, T, H, D).transpose(1, 2)
+    k = k.view(1, T, H, D).transpose(1, 2)
+    eye = torch.eye(T).expand(1, H, T, T)  # weights @ I = the weights themselves
+    torch.testing.assert_close(ex.attention[0], reference_attention(q, k, eye)[0].detach())
+    # 5. a layer norm at init (gain 1, bias 0) maps each position to mean 0 and
+    # std = std_in / sqrt(std_in^2 + eps): the before and after columns agree
+    eps = model.config.layer_norm_eps
+    for n in ex.norms:
+        assert max(abs(m) for m in n.out_mean) < 1e-5
+        for s_in, s_out in zip(n.in_std, n.out_std, strict=True):
+            assert s_out == pytest.approx(s_in / (s_in**2 + eps) ** 0.5, rel=1e-4)
+    # 6. GELU and leaky ReLU are exactly 0 only at 0: below zero and active split the units
+    for f in ex.ffn:
+        assert 0 < f["active"] < 1
+        assert f["below_zero"] + f["active"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_top_p_mark_is_the_sampling_filter(model_dir: Path) -> None:
+    """Guards the top-p cut marked at a different place than generate's top-p keeps."""
+    model, tok = load(model_dir)
+    ex = explain(model, tok, PROMPT, top_k=tok.vocab_size, top_p=0.5)
+    kept = [r for r in ex.top if r["in_top_p"]]
+    assert kept == ex.top[: len(kept)]  # a prefix of the ranking
+    assert kept[-1]["cum"] >= 0.5 and (len(kept) == 1 or kept[-2]["cum"] < 0.5)
+
+
+def test_terminal_tables_print_the_numbers(capsys, gpt2_dir: Path, tmp_path: Path) -> None:
+    """Guards the printed top-1 probability and the files: valid PNGs and a self-contained page."""
+    out = tmp_path / "ex"
+    code, stdout, err = run_cli(capsys, "explain", gpt2_dir, "--prompt", PROMPT, "--out", out)
+    assert code == 0, err
+    model, tok = load(gpt2_dir)
+    probs = torch.softmax(model(torch.tensor([tok.encode(PROMPT)]))[0, -1], dim=-1)
+    row = re.search(r"^1 +'.*?' +\d+ +([0-9.]+)", stdout.split("8. next token")[1], re.M)
+    assert float(row.group(1)) == pytest.approx(probs.max().item(), abs=1e-4)
+    for title in ("1-3. tokens", "4. attention", "5. layer norms", "6. feed-forward"):
+        assert title in stdout
+    pngs = [out / "attention.png", out / "norms_and_top.png"]
+    for png in pngs:
+        assert png.read_bytes().startswith(PNG_MAGIC)
+    page = (out / "explain.html").read_text()
+    assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
+    inlined = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    assert [base64.b64decode(s) for s in inlined] == [p.read_bytes() for p in pngs]
+    assert "src='http" not in page and "<link" not in page  # nothing fetched from outside
+    assert render_text(explain(model, tok, PROMPT)).splitlines()[0] in stdout
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--prompt", ""], "empty"),
+        (["--prompt", "to be " * 5], "context of 16"),
+        (["--prompt", PROMPT, "--top-p", "0"], "--top-p"),
+        (["--prompt", PROMPT, "--top-p", "1.5"], "--top-p"),
+        (["--prompt", PROMPT, "--top-k", "0"], "--top-k"),
+    ],
+)
+def test_explain_errors_are_one_line(capsys, gpt2_dir: Path, flags: list[str], needle: str):
+    """Guards tracebacks (or silent nonsense) on an empty, too long prompt or a bad cut."""
+    code, _, err = run_cli(capsys, "explain", gpt2_dir, *flags)
+    assert_one_line_error(code, err, needle)
+
+
+def test_explain_missing_model_is_one_line(capsys, tmp_path: Path) -> None:
+    """Guards a missing model directory surfacing as a traceback."""
+    code, _, err = run_cli(capsys, "explain", tmp_path / "nope", "--prompt", PROMPT)
+    assert_one_line_error(code, err)
