@@ -38,6 +38,14 @@ def sinusoidal_positions(n_positions: int, d_model: int) -> torch.Tensor:
     return pe.float()
 
 
+def _cache_length(config: GPTConfig, max_len: int | None) -> int:
+    """A KV cache's positions: `max_len`, or the whole context when None; checked."""
+    max_len = config.context_length if max_len is None else max_len
+    if not 1 <= max_len <= config.context_length:
+        raise ValueError(f"max_len must be in [1, {config.context_length}], got {max_len}")
+    return max_len
+
+
 def _cache_tensors(
     config: GPTConfig,
     rows: int,
@@ -46,9 +54,7 @@ def _cache_tensors(
     dtype: torch.dtype,
 ) -> tuple[int, torch.Tensor, torch.Tensor]:
     """(max_len, keys, values) for a KV cache: zeros of shape (L, rows, H, S_max, D)."""
-    max_len = config.context_length if max_len is None else max_len
-    if not 1 <= max_len <= config.context_length:
-        raise ValueError(f"max_len must be in [1, {config.context_length}], got {max_len}")
+    max_len = _cache_length(config, max_len)
     shape = (config.n_layer, rows, config.n_head, max_len, config.head_dim)
     k = torch.zeros(shape, device=device, dtype=dtype)
     return max_len, k, torch.zeros_like(k)
@@ -77,9 +83,7 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         ring_buffers: bool = True,
     ) -> None:
-        self.max_len = config.context_length if max_len is None else max_len
-        if not 1 <= self.max_len <= config.context_length:
-            raise ValueError(f"max_len must be in [1, {config.context_length}], got {self.max_len}")
+        self.max_len = _cache_length(config, max_len)
         bands = [config.attn_band_of(i) for i in range(config.n_layer)]
         ringed = [
             i for i, b in enumerate(bands) if ring_buffers and b is not None and b < self.max_len
