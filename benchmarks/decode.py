@@ -6,6 +6,11 @@ prompt with their KV caches. The two run alternately in one process, `--repeats`
 at the default thread count; the table shows the best and the median tokens/s of each.
 In float32 the two must also produce the same tokens.
 
+bfloat16 means the same bf16-rounded weights on both sides, each library's way: HF's
+model cast whole to bf16 (`model.to(torch.bfloat16)`, its documented CPU path), gptkit's
+`quantize_model(model, "bf16")` (`gptkit sample --weights bf16`: bf16 matrices read by
+gptkit's native kernel, fp32 activations and KV cache).
+
     .venv/bin/python benchmarks/decode.py
     .venv/bin/python benchmarks/decode.py --batch-sizes 1 --dtypes float32 --repeats 5 \\
         --json decode.json
@@ -27,6 +32,7 @@ import torch
 from gptkit.convert import config_from_hf, state_dict_from_hf
 from gptkit.generate import generate
 from gptkit.model import GPT
+from gptkit.quantize import quantize_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -129,10 +135,12 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
-        # Whole-model casts, the same for both: bf16 weights, activations and KV cache.
         # Copies, so the float32 weights stay exact whatever the order of --dtypes.
-        ours = ours_fp32 if dtype == torch.float32 else copy.deepcopy(ours_fp32).to(dtype)
-        hf = hf_fp32 if dtype == torch.float32 else copy.deepcopy(hf_fp32).to(dtype)
+        if dtype == torch.float32:
+            ours, hf = ours_fp32, hf_fp32
+        else:
+            ours = quantize_model(copy.deepcopy(ours_fp32), "bf16")
+            hf = copy.deepcopy(hf_fp32).to(dtype)
         for batch in args.batch_sizes:
             r = bench_case(ours, hf, batch, args.prompt_tokens, args.new_tokens, args.repeats)
             r["dtype"] = dtype_name

@@ -1,4 +1,5 @@
-"""bf16 and weight-only int8 inference: the kernels against a dequantized reference, the
+"""bf16 and weight-only int8 inference: both matmul paths (native kernel, ATen) against a
+dequantized reference, whole models against fp32 ones holding the dequantized weights, the
 tied embedding, perplexity of a trained model, and `gptkit sample --weights`."""
 
 from __future__ import annotations
@@ -9,14 +10,15 @@ import torch
 from conftest import tiny_config
 from test_train import fake_data, tiny
 
+from gptkit import kernels
 from gptkit.checkpoint import load_model
 from gptkit.cli import main
 from gptkit.errors import GptkitError
 from gptkit.generate import generate
 from gptkit.model import GPT
 from gptkit.quantize import (
-    Int8Embedding,
-    Int8Linear,
+    WeightOnlyEmbedding,
+    WeightOnlyLinear,
     quantize_model,
     quantize_rows,
     weight_bytes_per_token,
@@ -34,17 +36,53 @@ def test_rows_quantize_within_half_a_step():
     assert (q.abs().amax(dim=1) == 127).all()
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_int8_linear_matches_the_dequantized_matmul(bias):
-    """Guards Int8Linear (ATen int8 kernel, bf16 activations) against x @ dequantized W^T."""
+@pytest.mark.parametrize("native", [True, False])
+def test_weight_only_linear_matches_the_dequantized_matmul(fmt, bias, native, monkeypatch):
+    """Guards WeightOnlyLinear on both paths against x @ dequantized W^T: the native kernel
+    (few rows: fp32 activations, so tight) and ATen (many rows, or no kernel: bf16-rounded
+    activations, so looser)."""
+    if native and kernels.gemv_op() is None:
+        pytest.skip("native kernels unavailable here")
+    if not native:
+        monkeypatch.setattr(kernels, "gemv_op", lambda: None)
     linear = torch.nn.Linear(96, 40, bias=bias)
-    qlinear = Int8Linear.from_linear(linear)
-    x = torch.randn(3, 5, 96)
-    expected = torch.nn.functional.linear(x, qlinear.dequantized(), linear.bias)
-    got = qlinear(x)
-    assert got.shape == (3, 5, 40) and got.dtype == torch.float32
-    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
-    assert torch.corrcoef(torch.stack([got.flatten(), expected.flatten()]))[0, 1] > 0.9999
+    qlinear = WeightOnlyLinear.from_linear(linear, fmt)
+    for shape in [(1, 1, 96), (2, 3, 96), (3, 5, 96)]:  # 1, 6 and 15 rows
+        x = torch.randn(shape)
+        expected = torch.nn.functional.linear(x, qlinear.dequantized(), linear.bias)
+        got = qlinear(x)
+        assert got.shape == (*shape[:-1], 40) and got.dtype == torch.float32
+        exact = native and x[..., 0].numel() <= kernels.MAX_ROWS
+        tol = 1e-5 if exact else 2e-2
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+        assert torch.corrcoef(torch.stack([got.flatten(), expected.flatten()]))[0, 1] > 0.9999
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_quantized_decoding_equals_fp32_model_with_the_dequantized_weights(fmt):
+    """Guards the whole quantized model on the decode path (prefill + one-token steps): its
+    logits equal an fp32 model holding the dequantized weights, and greedy tokens match."""
+    if kernels.gemv_op() is None:
+        pytest.skip("native kernels unavailable here")
+    config = tiny_config("gpt2", vocab_size=256, d_model=64, context_length=48)
+    quantized = quantize_model(GPT(config).eval(), fmt)
+    reference = GPT(config).eval()  # fp32, given the weights the small ones stand for
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if isinstance(module, WeightOnlyLinear):
+                target = reference.get_submodule(name)
+                target.weight.copy_(module.dequantized())
+                if module.bias is not None:
+                    target.bias.copy_(module.bias)
+            elif isinstance(module, torch.nn.LayerNorm | torch.nn.Embedding) and name != "wte":
+                reference.get_submodule(name).load_state_dict(module.state_dict())
+    idx = torch.randint(0, 256, (1, 6))  # 6 prompt rows: the kernel path from the start
+    expected = generate(reference, idx, 30, temperature=0)
+    assert torch.equal(generate(quantized, idx, 30, temperature=0), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(idx), reference(idx), rtol=1e-4, atol=1e-4)
 
 
 def test_int8_model_keeps_the_embedding_tied_and_its_bytes_quartered():
@@ -56,14 +94,26 @@ def test_int8_model_keeps_the_embedding_tied_and_its_bytes_quartered():
         ref = model(idx)
     fp32_bytes = weight_bytes_per_token(model)
     quantize_model(model, "int8")
-    assert isinstance(model.wte, Int8Embedding) and isinstance(model.lm_head, Int8Linear)
-    assert model.wte.weight is model.lm_head.weight
+    assert isinstance(model.wte, WeightOnlyEmbedding)
+    assert isinstance(model.lm_head, WeightOnlyLinear)
+    assert model.wte.weight is model.lm_head.weight and model.wte.weight.dtype == torch.int8
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert weight_bytes_per_token(model) < 0.3 * fp32_bytes
     with torch.no_grad():
         got = model(idx)
     assert (got - ref).abs().max() < 0.05 * ref.abs().max()
     assert generate(model, idx, 5, temperature=0).shape == (2, 17)
+
+
+def test_bf16_model_halves_its_bytes_and_keeps_fp32_activations():
+    """Guards quantize_model(..., "bf16"): weight-only, tied, half the bytes, fp32 out."""
+    model = GPT(tiny_config("gpt2", vocab_size=256, d_model=64)).eval()
+    fp32_bytes = weight_bytes_per_token(model)
+    quantize_model(model, "bf16")
+    assert model.wte.weight is model.lm_head.weight and model.wte.weight.dtype == torch.bfloat16
+    assert 0.45 * fp32_bytes < weight_bytes_per_token(model) < 0.55 * fp32_bytes
+    with torch.no_grad():
+        assert model(torch.randint(0, 256, (1, 4))).dtype == torch.float32
 
 
 @pytest.mark.slow

@@ -99,7 +99,7 @@ def sample(
         num_samples: how many independent samples to write
         seed: random seed, for reproducible samples
         device: cpu, cuda, or cuda:N
-        weights: fp32, bf16, or int8 (weight-only, per-channel scales: 4x fewer bytes)
+        weights: fp32, or weight-only bf16 / int8 (per-channel scales): 2x / 4x fewer bytes
     """
     import torch
 

@@ -7,13 +7,18 @@ them (int8) raises the ceiling in proportion.
     >>> model = quantize_model(load_model("runs/demo"), "int8")
     >>> generate(model, idx, 100)
 
-int8 (weight-only, symmetric, per output channel): each row w of a weight matrix is stored
-as round(w / s) in [-127, 127] with s = max|w| / 127, so the largest entry of every row is
-exact and the others are off by at most s / 2. Activations stay fp32; `Int8Linear` is a
-drop-in `nn.Linear` replacement that multiplies by the int8 matrix and scales the result
-(ATen's fused `_weight_int8pack_mm` on CPU, fed bf16 activations and scales for its
-vectorized path; a dequantize-then-matmul elsewhere). A tied
-unembedding stays tied: `Int8Embedding` looks rows up in the head's int8 matrix and scales.
+Both are weight-only: the matrices are stored small, activations, layer norms, positions and
+the KV cache stay fp32. `WeightOnlyLinear` is the drop-in `nn.Linear` for either. For the
+few rows of a decode step on a CPU it calls gptkit's native kernel (`gptkit.kernels`: each
+weight widened to fp32 in registers, fp32 accumulation), which streams bf16 and int8
+weights close to the memory bandwidth where ATen's kernels did not. For more rows (a
+prompt, a large batch), on a GPU, or where the kernel cannot be built it uses ATen: a bf16
+matmul of bf16-rounded activations, or `_weight_int8pack_mm`.
+
+int8 (symmetric, per output channel): each row w of a weight matrix is stored as
+round(w / s) in [-127, 127] with s = max|w| / 127, so the largest entry of every row is
+exact and the others are off by at most s / 2. A tied unembedding stays tied:
+`WeightOnlyEmbedding` looks rows up in the head's matrix and scales them.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptkit import kernels
 from gptkit.errors import GptkitError
 
 Weights = Literal["fp32", "bf16", "int8"]
@@ -37,89 +43,99 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def _int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (M, in) @ (q * scale[:, None]).T -> (M, out) in x's dtype."""
+def _small_matrix(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A float weight in format `fmt` ("bf16" | "int8"): (matrix, per-row scales or None)."""
+    if fmt == "int8":
+        return quantize_rows(weight)
+    return weight.detach().to(torch.bfloat16).clone(), None
+
+
+def _aten_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """x (M, in) fp32 @ (w * scale).T -> (M, out) fp32 with ATen's kernels (no fp32 copy of w)."""
+    if w.dtype == torch.bfloat16:
+        return F.linear(x.to(torch.bfloat16), w).to(x.dtype)
     if x.device.type == "cpu":
-        # ATen's int8 kernel converts in registers (no dequantized copy of the matrix), and
-        # its vectorized path takes bf16 activations (fp32 ones ran ~10x slower, measured on
-        # the dev machine's Xeon); the activations are small, so the casts cost little.
-        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), q, scale)
-        return y.to(x.dtype)
-    return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+        # ATen's int8 kernel converts in registers; its vectorized path takes bf16
+        # activations and scales (fp32 activations ran ~10x slower on the dev machine).
+        xb, sb = x.to(torch.bfloat16).contiguous(), scale.to(torch.bfloat16)
+        return torch.ops.aten._weight_int8pack_mm(xb, w, sb).to(x.dtype)
+    return F.linear(x, w.to(x.dtype)) * scale.to(x.dtype)
 
 
-class Int8Linear(nn.Module):
-    """`nn.Linear` with an int8 weight (out, in) and fp32 per-output-channel scales (out,)."""
+class WeightOnlyLinear(nn.Module):
+    """`nn.Linear` with a bf16 or int8 weight (out, in), int8 with fp32 row scales (out,)."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight)  # int8 (out, in)
-        self.register_buffer("scale", scale)  # fp32 (out,)
-        self.register_buffer("scale_bf16", scale.to(torch.bfloat16), persistent=False)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("weight", weight)  # bf16 or int8 (out, in)
+        self.register_buffer("scale", scale)  # fp32 (out,), int8 only
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        q, scale = quantize_rows(linear.weight)
-        return cls(q, scale, linear.bias)
+    def from_linear(cls, linear: nn.Linear, fmt: str) -> WeightOnlyLinear:
+        return cls(*_small_matrix(linear.weight, fmt), linear.bias)
 
     def dequantized(self) -> torch.Tensor:
-        """The fp32 weight these int8 values and scales stand for (the reference)."""
-        return self.weight.float() * self.scale[:, None]
+        """The fp32 weight these values (and scales) stand for: the reference."""
+        w = self.weight.float()
+        return w if self.scale is None else w * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., in) -> (..., out)."""
-        scale = self.scale_bf16 if x.device.type == "cpu" else self.scale
-        y = _int8_matmul(x.reshape(-1, self.in_features), self.weight, scale)
-        y = y.reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        """(..., in) -> (..., out), in x's dtype."""
+        x2 = x.reshape(-1, self.in_features).float()  # (M, in)
+        gemv = kernels.gemv_op() if x.device.type == "cpu" else None
+        if gemv is not None and x2.shape[0] <= kernels.MAX_ROWS:
+            y = gemv(x2, self.weight, self.scale, self.bias)  # bias added in the kernel
+        else:
+            y = _aten_matmul(x2, self.weight, self.scale)
+            y = y if self.bias is None else y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        dtype = str(self.weight.dtype).removeprefix("torch.")
+        return f"in_features={self.in_features}, out_features={self.out_features}, {dtype}"
 
 
-class Int8Embedding(nn.Module):
-    """Row lookup in an int8 matrix (vocab, C) with per-row scales; may share the head's."""
+class WeightOnlyEmbedding(nn.Module):
+    """Row lookup in a bf16 or int8 matrix (vocab, C), scaled per row; may share the head's."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None):
         super().__init__()
-        self.register_buffer("weight", weight)  # int8 (V, C)
-        self.register_buffer("scale", scale)  # fp32 (V,)
-        self.dtype = dtype
+        self.register_buffer("weight", weight)  # bf16 or int8 (V, C)
+        self.register_buffer("scale", scale)  # fp32 (V,) or None
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """ids (B, T) -> (B, T, C)."""
-        return (self.weight[idx].to(torch.float32) * self.scale[idx, None]).to(self.dtype)
+        """ids (B, T) -> fp32 (B, T, C)."""
+        rows = self.weight[idx].float()
+        return rows if self.scale is None else rows * self.scale[idx, None]
 
 
 def quantize_model(model: nn.Module, weights: Weights | str) -> nn.Module:
     """`model` with its weights in fp32, bf16 or int8 (in place; returned for chaining).
 
-    int8 replaces every `nn.Linear` of the blocks and the unembedding by `Int8Linear`, and
-    the token embedding by an `Int8Embedding` (sharing the head's int8 matrix when tied).
-    Layer norms and the position table stay fp32 (a few KB; they are read once per token).
+    bf16 and int8 replace every `nn.Linear` of the blocks and the unembedding by a
+    `WeightOnlyLinear`, and the token embedding by a `WeightOnlyEmbedding` (sharing the
+    head's matrix when tied). Layer norms and the position table stay fp32 (a few KB,
+    read once per token).
     """
-    if weights == "fp32":
-        return model.float()
-    if weights == "bf16":
-        return model.to(torch.bfloat16)
-    if weights != "int8":
+    if weights not in ("fp32", "bf16", "int8"):
         raise GptkitError(f"unknown weights {weights!r}; use fp32, bf16 or int8")
     model.float()
+    if weights == "fp32":
+        return model
     tied = model.lm_head.weight is model.wte.weight
     for block in model.h:
         for parent in list(block.modules()):
             for child_name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(parent, child_name, Int8Linear.from_linear(child))
-    head = Int8Linear.from_linear(model.lm_head)
+                    setattr(parent, child_name, WeightOnlyLinear.from_linear(child, weights))
+    head = WeightOnlyLinear.from_linear(model.lm_head, weights)
     model.lm_head = head
     if tied:
-        model.wte = Int8Embedding(head.weight, head.scale, torch.float32)
+        model.wte = WeightOnlyEmbedding(head.weight, head.scale)
     else:
-        q, scale = quantize_rows(model.wte.weight)
-        model.wte = Int8Embedding(q, scale, torch.float32)
+        model.wte = WeightOnlyEmbedding(*_small_matrix(model.wte.weight, weights))
     return model
 
 
@@ -130,7 +146,7 @@ def weight_bytes_per_token(model: nn.Module) -> int:
     """
     total = 0
     for module in model.modules():
-        if isinstance(module, (nn.Embedding, Int8Embedding)):
+        if isinstance(module, (nn.Embedding, WeightOnlyEmbedding)):
             continue
         for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
             total += t.numel() * t.element_size()

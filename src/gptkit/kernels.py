@@ -1,0 +1,73 @@
+"""Native CPU kernels, compiled on first use: the bf16 and int8 matrix-vector products.
+
+On a CPU, decoding one token at batch 1 streams every weight from memory once, so its
+speed is bandwidth / bytes per token. ATen reaches that rate for fp32 weights (MKL) but
+not for bf16 or int8 ones on CPUs without native bf16 instructions (it converted too
+slowly: about 60% of fp32's bandwidth, measured on the dev machine's Xeon). `csrc/gemv.cpp`
+widens each weight in registers and keeps the memory system busy with prefetches.
+
+    >>> op = gemv_op()                       # None where the kernel cannot be built
+    >>> y = op(x, w_int8, scale, bias)       # x (M, K) fp32, w (N, K) -> (M, N) fp32
+
+The source is compiled once per machine with torch.utils.cpp_extension (g++, ninja and
+the Python headers; about 15 s) for the CPU's vector ISA, AVX-512 or AVX2+FMA, and cached
+under torch's extensions directory. Anywhere it cannot be built (another architecture, no
+compiler) `gemv_op` says so in one line on stderr and returns None, and callers use ATen.
+`GPTKIT_NATIVE_KERNELS=0` turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "gemv.cpp"
+# Compiler flags per ATen CPU capability (`torch.backends.cpu.get_cpu_capability()`).
+ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+}
+# Rows of x the kernel takes: past a few, a product is no longer bandwidth-bound and
+# ATen's blocked matrix multiplications win.
+MAX_ROWS = 8
+
+Gemv = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor
+]
+
+
+def enabled() -> bool:
+    """False when the environment turns native kernels off (GPTKIT_NATIVE_KERNELS=0)."""
+    return os.environ.get("GPTKIT_NATIVE_KERNELS", "1") not in ("0", "false", "no", "off")
+
+
+@functools.cache
+def gemv_op(isa: str | None = None) -> Gemv | None:
+    """The compiled `gemv(x, w, scale, bias)` for `isa` (default: this CPU's), or None.
+
+    `isa` is "AVX512" or "AVX2"; tests build both on a machine that has both.
+    """
+    isa = isa or torch.backends.cpu.get_cpu_capability()
+    if not enabled() or isa not in ISA_FLAGS:
+        return None
+    from torch.utils import cpp_extension
+
+    name = f"gptkit_gemv_{isa.lower()}"
+    try:
+        cpp_extension.load(
+            name,
+            [str(SOURCE)],
+            extra_cflags=["-O3", "-fopenmp", f"-DGPTKIT_NS={name}", *ISA_FLAGS[isa]],
+            extra_ldflags=["-fopenmp"],  # libgomp: the one torch has loaded already
+            is_python_module=False,
+        )
+    except Exception as e:  # no compiler, no ninja, no headers: ATen still works
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"gptkit: native CPU kernels unavailable ({reason}); using ATen", file=sys.stderr)
+        return None
+    return getattr(torch.ops, name).gemv

@@ -1,0 +1,86 @@
+"""The native CPU matrix-vector kernel against a float64 reference, for every ISA it is built
+for here, every weight format and the awkward shapes (K not a multiple of the vector width,
+N not a multiple of the row block, rows split across threads)."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+
+import pytest
+import torch
+
+from gptkit import kernels
+from gptkit.quantize import quantize_rows
+
+
+def _buildable_isas() -> list[str]:
+    """The ISAs this CPU runs: AVX-512 machines run the AVX2 build too."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    return {"AVX512": ["AVX512", "AVX2"], "AVX2": ["AVX2"]}.get(cap, [])
+
+
+def _weight(fmt: str, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(w in `fmt`, scale or None, the fp64 matrix they stand for)."""
+    w = torch.randn(n, k) * torch.logspace(-2, 0, n)[:, None]  # rows of different size
+    if fmt == "int8":
+        q, scale = quantize_rows(w)
+        return q, scale, q.double() * scale.double()[:, None]
+    w = w.to(torch.bfloat16) if fmt == "bf16" else w
+    return w, None, w.double()
+
+
+def test_the_kernel_builds_on_an_x86_machine_with_a_compiler():
+    """Guards the silent fallback: where it can be built, it is (CI is such a machine)."""
+    if platform.machine() not in ("x86_64", "AMD64") or shutil.which("g++") is None:
+        pytest.skip("not an x86-64 machine with g++")
+    if not _buildable_isas():
+        pytest.skip("CPU has neither AVX2 nor AVX-512")
+    assert kernels.gemv_op() is not None
+
+
+@pytest.mark.parametrize("isa", ["AVX512", "AVX2"])
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gemv_matches_float64_reference(isa, fmt, threads):
+    """Guards the vector loop, its K tail, the partial last row block, the next-block
+    prefetch and the thread split: every shape against x @ W^T * scale + bias in fp64."""
+    if isa not in _buildable_isas():
+        pytest.skip(f"this CPU cannot run the {isa} build")
+    op = kernels.gemv_op(isa)
+    assert op is not None
+    torch.set_num_threads(threads)  # the autouse fixture restores it
+    for m, n, k in [(1, 1, 1), (1, 5, 17), (3, 37, 100), (8, 1000, 768), (2, 64, 48)]:
+        w, scale, ref_w = _weight(fmt, n, k)
+        x = torch.randn(m, k)
+        for bias in (None, torch.randn(n)):
+            expected = x.double() @ ref_w.T
+            if bias is not None:
+                expected = expected + bias.double()
+            got = op(x, w, scale, bias)
+            assert got.shape == (m, n) and got.dtype == torch.float32
+            tol = 1e-5 * (x.double().abs() @ ref_w.abs().T).max().item() + 1e-6
+            assert (got.double() - expected).abs().max().item() < tol, (m, n, k, bias is None)
+
+
+def test_gemv_refuses_bad_arguments_with_a_message():
+    op = kernels.gemv_op()
+    if op is None:
+        pytest.skip("native kernels unavailable here")
+    with pytest.raises(RuntimeError, match="columns"):
+        op(torch.randn(1, 8), torch.randn(4, 9), None, None)
+    with pytest.raises(RuntimeError, match="float32"):
+        op(torch.randn(1, 8).double(), torch.randn(4, 8), None, None)
+    with pytest.raises(RuntimeError, match="int8"):
+        op(torch.randn(1, 8), torch.randn(4, 8).half(), None, None)
+
+
+def test_disabled_by_environment(monkeypatch):
+    """Guards GPTKIT_NATIVE_KERNELS=0: no kernel, so every caller takes ATen's path."""
+    monkeypatch.setenv("GPTKIT_NATIVE_KERNELS", "0")
+    kernels.gemv_op.cache_clear()
+    try:
+        assert kernels.gemv_op() is None
+    finally:
+        monkeypatch.delenv("GPTKIT_NATIVE_KERNELS")
+        kernels.gemv_op.cache_clear()
