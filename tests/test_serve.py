@@ -305,3 +305,26 @@ def test_serve_command_rejects_bad_arguments(tmp_path, capsys):
     assert cli.main(["serve", str(tmp_path), "--max-batch", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("gptkit: error:") for line in err)
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+def test_serve_command_serves_small_weights(tmp_path, monkeypatch, weights):
+    """Guards `gptkit serve --weights`: the served model holds bf16/int8 matrices and the
+    app answers a completion with it."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from gptkit.quantize import WeightOnlyLinear
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    model_dir = make_model_dir(tmp_path / "tiny")
+    assert cli.main(["serve", str(model_dir), "--weights", weights]) == 0
+    model = apps[0].state.scheduler.model
+    linears = [m for m in model.modules() if isinstance(m, WeightOnlyLinear)]
+    expected = torch.bfloat16 if weights == "bf16" else torch.int8
+    assert linears and all(m.weight.dtype == expected for m in linears)
+    with TestClient(apps[0]) as client:
+        body = {"model": "tiny", "prompt": "ab", "max_tokens": 3, "temperature": 0}
+        reply = client.post("/v1/completions", json=body)
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1

@@ -179,6 +179,7 @@ def serve(
     max_batch: int = 32,
     max_queue: int = 256,
     device: str = "cpu",
+    weights: Literal["fp32", "bf16", "int8"] = "fp32",
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a playground at /.
 
@@ -190,6 +191,7 @@ def serve(
         max_batch: sequences decoded together per step (1 turns batching off)
         max_queue: sequences that may wait for a slot before requests get 429
         device: cpu, cuda, or cuda:N
+        weights: fp32, or weight-only bf16 / int8 (per-channel scales): 2x / 4x fewer bytes
     """
     from gptkit.serve import serve as run_server
 
@@ -197,7 +199,7 @@ def serve(
         raise GptkitError("--max-batch must be >= 1 and --max-queue >= 0")
     if not 0 <= port <= 65535:
         raise GptkitError(f"--port must be in [0, 65535], got {port}")
-    run_server(model, host, port, api_key, max_batch, max_queue, device)
+    run_server(model, host, port, api_key, max_batch, max_queue, device, weights)
 
 
 def demo(

@@ -357,14 +357,17 @@ def serve(
     max_batch: int,
     max_queue: int,
     device: str = "cpu",
+    weights: str = "fp32",
 ) -> None:
-    """Load a model directory and serve it until interrupted."""
+    """Load a model directory (weights fp32, bf16 or int8) and serve it until interrupted."""
     from pathlib import Path
 
     import uvicorn
 
     from gptkit.checkpoint import load
+    from gptkit.quantize import quantize_model
 
     model, tokenizer = load(path, device=device)
+    model = quantize_model(model, weights)
     app = create_app(model, tokenizer, Path(path).resolve().name, api_key, max_batch, max_queue)
     uvicorn.run(app, host=host, port=port, log_level="warning")
