@@ -4,8 +4,12 @@ N not a multiple of the row block, rows split across threads)."""
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,3 +88,28 @@ def test_disabled_by_environment(monkeypatch):
     finally:
         monkeypatch.delenv("GPTKIT_NATIVE_KERNELS")
         kernels.gemv_op.cache_clear()
+
+
+def test_a_stale_build_lock_is_cleared(tmp_path):
+    """Guards the first build against a lock left by a killed build (cpp_extension would
+    wait on it forever): an old lock is removed and the kernel builds into a fresh cache.
+    In a child process: one process cannot load two builds of the same op namespace."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    if isa not in kernels.ISA_FLAGS:
+        pytest.skip("no native kernel for this CPU")
+    env = {**os.environ, "GPTKIT_KERNEL_CACHE": str(tmp_path)}
+    script = (
+        "import sys; from gptkit import kernels; "
+        f"print(kernels.build_directory('gptkit_gemv_{isa.lower()}'))"
+    )
+    lock = Path(subprocess.check_output([sys.executable, "-c", script], env=env, text=True).strip())
+    lock = lock / "lock"
+    lock.touch()
+    os.utime(lock, (0, 0))  # from 1970: stale
+    script = "from gptkit import kernels; assert kernels.gemv_op() is not None"
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert not lock.exists()
+    assert "building the native CPU kernel" in done.stderr

@@ -11,8 +11,9 @@ widens each weight in registers and keeps the memory system busy with prefetches
 
 The source is compiled once per machine with torch.utils.cpp_extension (g++, ninja and
 the Python headers; about 15 s) for the CPU's vector ISA, AVX-512 or AVX2+FMA, and cached
-under torch's extensions directory. Anywhere it cannot be built (another architecture, no
-compiler) `gemv_op` says so in one line on stderr and returns None, and callers use ATen.
+in `~/.cache/gptkit/kernels/` (`$GPTKIT_KERNEL_CACHE`), one folder per ISA and torch
+version. Anywhere it cannot be built (another architecture, no compiler) `gemv_op` says
+so in one line on stderr and returns None, and callers use ATen.
 `GPTKIT_NATIVE_KERNELS=0` turns the kernels off.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +37,9 @@ ISA_FLAGS = {
 # Rows of x the kernel takes: past a few, a product is no longer bandwidth-bound and
 # ATen's blocked matrix multiplications win.
 MAX_ROWS = 8
+# cpp_extension serialises builds with a lock file and waits for it forever; a build killed
+# midway (Ctrl-C during the first ~15 s) leaves it behind. One this old is stale.
+STALE_LOCK_SECONDS = 300
 
 Gemv = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor
@@ -58,10 +63,17 @@ def gemv_op(isa: str | None = None) -> Gemv | None:
     from torch.utils import cpp_extension
 
     name = f"gptkit_gemv_{isa.lower()}"
+    build_dir = build_directory(name)
+    lock = build_dir / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+        lock.unlink(missing_ok=True)
+    if not any(build_dir.glob("*.so")):
+        print("gptkit: building the native CPU kernel (once per machine)...", file=sys.stderr)
     try:
         cpp_extension.load(
             name,
             [str(SOURCE)],
+            build_directory=str(build_dir),
             extra_cflags=["-O3", "-fopenmp", f"-DGPTKIT_NS={name}", *ISA_FLAGS[isa]],
             extra_ldflags=["-fopenmp"],  # libgomp: the one torch has loaded already
             is_python_module=False,
@@ -71,3 +83,13 @@ def gemv_op(isa: str | None = None) -> Gemv | None:
         print(f"gptkit: native CPU kernels unavailable ({reason}); using ATen", file=sys.stderr)
         return None
     return getattr(torch.ops, name).gemv
+
+
+def build_directory(name: str) -> Path:
+    """Where the kernel `name` is built and cached (created if missing)."""
+    default = Path.home() / ".cache" / "gptkit" / "kernels"
+    root = Path(os.environ.get("GPTKIT_KERNEL_CACHE", default))
+    version = torch.__version__.replace("+", "_")
+    path = root / f"{name}-torch{version}-py{sys.version_info.major}{sys.version_info.minor}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -83,13 +83,14 @@ class WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) -> (..., out), in x's dtype."""
-        x2 = x.reshape(-1, self.in_features).float()  # (M, in)
-        gemv = kernels.gemv_op() if x.device.type == "cpu" else None
-        if gemv is not None and x2.shape[0] <= kernels.MAX_ROWS:
-            y = gemv(x2, self.weight, self.scale, self.bias)  # bias added in the kernel
-        else:
-            y = _aten_matmul(x2, self.weight, self.scale)
-            y = y if self.bias is None else y + self.bias
+        rows = x.numel() // self.in_features
+        if x.device.type == "cpu" and x.dtype == torch.float32 and rows <= kernels.MAX_ROWS:
+            gemv = kernels.gemv_op()  # None where it cannot be built
+            if gemv is not None:  # the decode step's path: kept short, it runs per token
+                y = gemv(x.reshape(rows, self.in_features), self.weight, self.scale, self.bias)
+                return y.view(*x.shape[:-1], self.out_features)
+        y = _aten_matmul(x.reshape(rows, self.in_features).float(), self.weight, self.scale)
+        y = y if self.bias is None else y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
