@@ -82,12 +82,12 @@ def test_gemv_refuses_bad_arguments_with_a_message():
 def test_disabled_by_environment(monkeypatch):
     """Guards GPTKIT_NATIVE_KERNELS=0: no kernel, so every caller takes ATen's path."""
     monkeypatch.setenv("GPTKIT_NATIVE_KERNELS", "0")
-    kernels.gemv_op.cache_clear()
+    kernels.library.cache_clear()
     try:
         assert kernels.gemv_op() is None
     finally:
         monkeypatch.delenv("GPTKIT_NATIVE_KERNELS")
-        kernels.gemv_op.cache_clear()
+        kernels.library.cache_clear()
 
 
 def test_a_stale_build_lock_is_cleared(tmp_path):
@@ -100,7 +100,7 @@ def test_a_stale_build_lock_is_cleared(tmp_path):
     env = {**os.environ, "GPTKIT_KERNEL_CACHE": str(tmp_path)}
     script = (
         "import sys; from gptkit import kernels; "
-        f"print(kernels.build_directory('gptkit_gemv_{isa.lower()}'))"
+        f"print(kernels.build_directory('gptkit_cpu_{isa.lower()}'))"
     )
     lock = Path(subprocess.check_output([sys.executable, "-c", script], env=env, text=True).strip())
     lock = lock / "lock"

@@ -1,12 +1,19 @@
-"""Native CPU kernels, compiled on first use: the bf16 and int8 matrix-vector products.
+"""Native CPU kernels for the decode step, compiled on first use.
 
 On a CPU, decoding one token at batch 1 streams every weight from memory once, so its
 speed is bandwidth / bytes per token. ATen reaches that rate for fp32 weights (MKL) but
 not for bf16 or int8 ones on CPUs without native bf16 instructions (it converted too
-slowly: about 60% of fp32's bandwidth, measured on the dev machine's Xeon). `csrc/gemv.cpp`
-widens each weight in registers and keeps the memory system busy with prefetches.
+slowly: about 60% of fp32's bandwidth, measured on the dev machine's Xeon), and eager
+PyTorch adds 5-8 ms per gpt2 token of small ops around the products. `csrc/decode.cpp`
+holds two ops:
 
-    >>> op = gemv_op()                       # None where the kernel cannot be built
+- `gemv`: the matrix-vector product for fp32, bf16 and int8 weights; each weight is
+  widened in registers while prefetches keep the memory system busy.
+- `decode_layers`: the whole stack of transformer blocks for one new token per row
+  (layer norms, products, KV-cache writes, attention, activations, residuals) in one
+  call; `gptkit.model.GPT.hidden_states` uses it for CPU decode steps.
+
+    >>> op = gemv_op()                       # None where the kernels cannot be built
     >>> y = op(x, w_int8, scale, bias)       # x (M, K) fp32, w (N, K) -> (M, N) fp32
 
 The source is compiled once per machine with torch.utils.cpp_extension (g++, ninja and
@@ -25,14 +32,17 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "gemv.cpp"
+SOURCE = Path(__file__).parent / "csrc" / "decode.cpp"
 # Compiler flags per ATen CPU capability (`torch.backends.cpu.get_cpu_capability()`).
+# CPU_CAPABILITY picks the matching implementation of ATen's Vectorized<float> headers.
 ISA_FLAGS = {
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
-    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"]
+    + ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
 }
 # Rows of x the kernel takes: past a few, a product is no longer bandwidth-bound and
 # ATen's blocked matrix multiplications win.
@@ -51,18 +61,30 @@ def enabled() -> bool:
     return os.environ.get("GPTKIT_NATIVE_KERNELS", "1") not in ("0", "false", "no", "off")
 
 
-@functools.cache
 def gemv_op(isa: str | None = None) -> Gemv | None:
     """The compiled `gemv(x, w, scale, bias)` for `isa` (default: this CPU's), or None.
 
     `isa` is "AVX512" or "AVX2"; tests build both on a machine that has both.
     """
+    ops = library(isa)
+    return None if ops is None else ops.gemv
+
+
+def decode_layers_op(isa: str | None = None) -> Callable[..., torch.Tensor] | None:
+    """The compiled `decode_layers(...)` for `isa` (default: this CPU's), or None."""
+    ops = library(isa)
+    return None if ops is None else ops.decode_layers
+
+
+@functools.cache
+def library(isa: str | None = None) -> Any:
+    """The op namespace (`torch.ops.gptkit_cpu_<isa>`) built from csrc/decode.cpp, or None."""
     isa = isa or torch.backends.cpu.get_cpu_capability()
     if not enabled() or isa not in ISA_FLAGS:
         return None
     from torch.utils import cpp_extension
 
-    name = f"gptkit_gemv_{isa.lower()}"
+    name = f"gptkit_cpu_{isa.lower()}"
     build_dir = build_directory(name)
     lock = build_dir / "lock"
     if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
@@ -82,7 +104,7 @@ def gemv_op(isa: str | None = None) -> Gemv | None:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"gptkit: native CPU kernels unavailable ({reason}); using ATen", file=sys.stderr)
         return None
-    return getattr(torch.ops, name).gemv
+    return getattr(torch.ops, name)
 
 
 def build_directory(name: str) -> Path:

@@ -15,12 +15,17 @@ Shape letters used throughout: B batch, T time (new tokens), S keys attended to
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptkit import kernels
 from gptkit.config import GPTConfig
+
+# The native decode step's activation codes (csrc/decode.cpp).
+NATIVE_ACTIVATIONS = {"gelu": 0, "relu": 1, "leaky_relu": 2}
 
 
 def sinusoidal_positions(n_positions: int, d_model: int) -> torch.Tensor:
@@ -417,6 +422,45 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), kv_cache, layer)
         return x + self.mlp(self.ln_2(x))
 
+    def native_tensors(self) -> list[torch.Tensor | None]:
+        """The tensors the native decode step reads for this block, in its order.
+
+        ln_1 and ln_2 (weight, bias), then (weight, scale, bias) of attn.c_attn,
+        attn.c_proj, mlp.c_fc and mlp.c_proj: nn.Linear or quantize's WeightOnlyLinear,
+        None where a module, a scale or a bias is absent. Read from the modules' own
+        dicts, once per decode step: nn.Module's attribute lookups cost ~0.9 ms per gpt2
+        token here, a tenth of an int8 token.
+        """
+        blocks = self._modules
+        attn, mlp = blocks["attn"]._modules, blocks["mlp"]._modules
+        parts = [(blocks["ln_1"], NORM_TENSORS), (blocks["ln_2"], NORM_TENSORS)]
+        parts += [(attn["c_attn"], LINEAR_TENSORS), (attn.get("c_proj"), LINEAR_TENSORS)]
+        parts += [(mlp["c_fc"], LINEAR_TENSORS), (mlp["c_proj"], LINEAR_TENSORS)]
+        return [_own_tensor(module, name) for module, names in parts for name in names]
+
+
+NORM_TENSORS = ("weight", "bias")
+LINEAR_TENSORS = ("weight", "scale", "bias")
+
+
+def _own_tensor(module: nn.Module | None, name: str) -> torch.Tensor | None:
+    """`module`'s parameter or buffer `name`; None when it has none (or there is no module)."""
+    if module is None:
+        return None
+    found = module._parameters.get(name)
+    return found if found is not None else module._buffers.get(name)
+
+
+def _has_hooks(root: nn.Module) -> bool:
+    """True if `root` or a module below it has a forward hook or forward pre-hook."""
+    stack = [root]
+    while stack:
+        module = stack.pop()
+        if module._forward_hooks or module._forward_pre_hooks:
+            return True
+        stack.extend(m for m in module._modules.values() if m is not None)
+    return False
+
 
 class GPT(nn.Module):
     """Decoder-only transformer language model."""
@@ -441,6 +485,10 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # one tensor, two uses
+        # A CPU decode step runs the whole stack of blocks in one native op where it
+        # applies (see `native_decode_op`); False keeps every step on the eager modules.
+        self.native_decode = True
+        self._bands = [config.attn_band_of(i) or 0 for i in range(config.n_layer)]
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -482,6 +530,58 @@ class GPT(nn.Module):
         """
         return self.lm_head(self.hidden_states(idx, kv_cache))  # (B, T, V)
 
+    def native_decode_op(
+        self, x: torch.Tensor, kv_cache: KVCache | SlotKVCache | None
+    ) -> Callable[..., torch.Tensor] | None:
+        """The native `decode_layers` op if the blocks may run on it for input x, else None.
+
+        It applies to a decode step on a CPU: one new fp32 token per row, at most
+        `kernels.MAX_ROWS` rows, a KV cache without ring buffers, eval mode without
+        autograd, outside torch.compile, no reference attention (`explain` reads its
+        weights) and no forward hooks on the blocks or their parts (the op runs the
+        whole stack without calling those modules).
+        """
+        if (
+            kv_cache is None
+            or not self.native_decode
+            or x.shape[1] != 1
+            or x.shape[0] > kernels.MAX_ROWS
+            or x.device.type != "cpu"
+            or x.dtype != torch.float32
+            or kv_cache.k.dtype != torch.float32
+            or (isinstance(kv_cache, KVCache) and kv_cache.ringed)
+            or self.training
+            or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or any(block.attn.reference for block in self.h)
+            or _has_hooks(self.h)
+        ):
+            return None
+        return kernels.decode_layers_op()
+
+    def _native_blocks(
+        self,
+        op: Callable[..., torch.Tensor],
+        x: torch.Tensor,
+        kv_cache: KVCache | SlotKVCache,
+        slots: list[int],
+        pos: torch.Tensor,
+    ) -> torch.Tensor:
+        """The stack of blocks on x (B, 1, C) in one call of the native op.
+
+        Layer l's keys and values are written to kv_cache.k[slots[l]] (and .v) at row b's
+        position pos[b] and read up to it: what `Block.forward` does through the cache.
+        """
+        cfg = self.config
+        B, _, C = x.shape
+        weights = [t for block in self.h for t in block.native_tensors()]
+        y = op(
+            x.view(B, C), kv_cache.k, kv_cache.v, slots, pos, self._bands, cfg.n_head,
+            cfg.norm == "post", NATIVE_ACTIVATIONS[cfg.activation], cfg.leaky_slope,
+            cfg.layer_norm_eps, weights,
+        )  # fmt: skip
+        return y.view(B, 1, C)
+
     def hidden_states(
         self, idx: torch.Tensor, kv_cache: KVCache | SlotKVCache | None = None
     ) -> torch.Tensor:
@@ -511,8 +611,13 @@ class GPT(nn.Module):
             x = x + self.pe[start : start + T].to(x.dtype)
         x = self.drop(x)
         # 2. the stack of blocks
-        for layer, block in enumerate(self.h):
-            x = block(x, kv_cache, layer)
+        op = self.native_decode_op(x, kv_cache)
+        if op is not None:
+            slots = [kv_cache.slot[layer] for layer in range(len(self.h))]
+            x = self._native_blocks(op, x, kv_cache, slots, torch.full((B,), start))
+        else:
+            for layer, block in enumerate(self.h):
+                x = block(x, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.advance(T)
         # 3. final norm (pre-LN only); `forward` applies the unembedding
@@ -535,8 +640,13 @@ class GPT(nn.Module):
         else:
             x = x + self.pe[pos].to(x.dtype)  # (B, T, C)
         x = self.drop(x)
-        for layer, block in enumerate(self.h):
-            x = block(x, kv_cache, layer)
+        op = self.native_decode_op(x, kv_cache)
+        if op is not None:
+            slots = list(range(len(self.h)))
+            x = self._native_blocks(op, x, kv_cache, slots, kv_cache.lengths[:B])
+        else:
+            for layer, block in enumerate(self.h):
+                x = block(x, kv_cache, layer)
         kv_cache.advance(B, T)
         if self.ln_f is not None:
             x = self.ln_f(x)

@@ -1,0 +1,466 @@
+// The decode step on a CPU: matrix-vector products, and a whole transformer block fused.
+//
+// Decoding a token at batch 1 reads every weight once and does two FLOPs per weight, so its
+// speed is the rate at which the weights stream in from memory. ATen's fp32 path (MKL) runs
+// at that rate; its bf16 and int8 paths do not on CPUs without native bf16 instructions:
+// they convert too slowly and leave bandwidth unused. Here each weight is loaded, widened to
+// fp32 in registers (bf16: a 16-bit shift; int8: sign-extend and convert) and accumulated
+// in fp32, R rows at a time, while the next R rows are prefetched.
+//
+// gemv(x, w, scale, bias): y = x W^T (* scale) (+ bias) for a few rows x.
+//   x      (M, K) float32, M small (a decode step's batch)
+//   w      (N, K) float32, bfloat16 or int8, row-major (nn.Linear's layout)
+//   scale  (N,)   float32 or None: per-output-row factor (int8 weights)
+//   bias   (N,)   float32 or None
+//   ->     (M, N) float32
+//
+// decode_layers(...): every transformer block for one new token per row, in one call. Eager
+// PyTorch spent 5-8 ms per gpt2 token on the ~15 small ops around each block's four
+// products (dispatch, allocation, thread wake-ups per op): a fifth of an fp32 token and
+// two fifths of an int8 one. Here the layer norms, the KV-cache writes, attention over the
+// cached keys, the activation and the residual adds are plain loops between the products.
+// model.py's `GPT._native_blocks` passes the arguments; the eager blocks are its reference.
+//
+// Built by gptkit/kernels.py for the CPU's vector ISA (AVX-512 or AVX2+FMA) under the op
+// namespace GPTKIT_NS; products and attention heads are split across ATen's OpenMP threads.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>  // Vectorized<float>: exp and tanh (Sleef, inside libtorch)
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+#include <immintrin.h>
+
+#ifndef GPTKIT_NS
+#define GPTKIT_NS gptkit_cpu
+#endif
+
+namespace {
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+using Vec = __m512;
+constexpr int64_t kWidth = 16;  // floats per vector
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec vload(const uint16_t* p) {  // 16 bf16 -> fp32: the bits, shifted up by 16
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline Vec vload(const int8_t* p) {
+  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+}
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(Vec v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+using Vec = __m256;
+constexpr int64_t kWidth = 8;
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec vload(const uint16_t* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline Vec vload(const int8_t* p) {
+  __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+}
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vsum(Vec v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+#else
+#error "gemv.cpp needs AVX-512 (F, BW) or AVX2 with FMA"
+#endif
+
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t bf16) {
+  uint32_t bits = uint32_t(bf16) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline float to_float(int8_t q) { return float(q); }
+
+constexpr int64_t kRows = 4;  // weight rows per block: one x load feeds kRows FMAs
+
+// out[r] = dot(x, w[r]) for the R rows starting at w (row stride K). The rows of the next
+// block (w + R K, which the same thread reads next) are prefetched one cache line per
+// line consumed: the hardware prefetcher alone left a third of the bandwidth unused.
+template <int64_t R, typename W>
+void dot_rows(const float* x, const W* w, int64_t K, bool prefetch_next, float* out) {
+  Vec acc[R];
+  for (int64_t r = 0; r < R; ++r) acc[r] = vzero();
+  constexpr int64_t kLine = 64 / sizeof(W);  // weights per cache line
+  int64_t k = 0;
+  for (; k + kWidth <= K; k += kWidth) {
+    if (prefetch_next && k % kLine == 0) {
+      for (int64_t r = 0; r < R; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * K + k), _MM_HINT_T0);
+    }
+    const Vec xv = vload(x + k);
+    for (int64_t r = 0; r < R; ++r) acc[r] = vfma(xv, vload(w + r * K + k), acc[r]);
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    float s = vsum(acc[r]);
+    for (int64_t j = k; j < K; ++j) s += x[j] * to_float(w[r * K + j]);  // the tail of K
+    out[r] = s;
+  }
+}
+
+template <typename W>
+void gemv_impl(const float* x, const W* w, const float* scale, const float* bias, float* y,
+               int64_t M, int64_t N, int64_t K) {
+  const int64_t blocks = (N + kRows - 1) / kRows;
+  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
+    float out[kRows];
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n0 = b * kRows, rows = std::min(kRows, N - n0);
+      for (int64_t m = 0; m < M; ++m) {
+        if (rows == kRows) {
+          // Later rows of x find this block in L1; only the first pass prefetches.
+          const bool prefetch = m == 0 && b + 1 < end && n0 + 2 * kRows <= N;
+          dot_rows<kRows>(x + m * K, w + n0 * K, K, prefetch, out);
+        } else {
+          for (int64_t r = 0; r < rows; ++r)
+            dot_rows<1>(x + m * K, w + (n0 + r) * K, K, false, out + r);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          float v = out[r];
+          if (scale) v *= scale[n0 + r];
+          if (bias) v += bias[n0 + r];
+          y[m * N + n0 + r] = v;
+        }
+      }
+    }
+  });
+}
+
+// A linear layer's weight, per-row scales and bias, checked against its input width K.
+struct Linear {
+  at::Tensor w, scale, bias;  // w contiguous (N, K); scale and bias undefined or (N,)
+
+  Linear(const at::Tensor& weight, const std::optional<at::Tensor>& s,
+         const std::optional<at::Tensor>& b, int64_t K, const char* name) {
+    TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2 && weight.size(1) == K, name,
+                ": the weight must be a CPU (N, ", K, ") matrix, got ", weight.sizes());
+    w = weight.contiguous();
+    const int64_t N = w.size(0);
+    if (s) {
+      TORCH_CHECK(s->numel() == N && s->scalar_type() == at::kFloat, name, ": bad scale");
+      scale = s->contiguous();
+    }
+    if (b) {
+      TORCH_CHECK(b->numel() == N && b->scalar_type() == at::kFloat, name, ": bad bias");
+      bias = b->contiguous();
+    }
+  }
+
+  int64_t out_features() const { return w.size(0); }
+  int64_t in_features() const { return w.size(1); }
+
+  // y (M, N) = x (M, K) W^T * scale + bias
+  void operator()(const float* x, int64_t M, float* y) const {
+    const int64_t N = w.size(0), K = w.size(1);
+    const float* sp = scale.defined() ? scale.data_ptr<float>() : nullptr;
+    const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+    switch (w.scalar_type()) {
+      case at::kFloat:
+        gemv_impl(x, w.data_ptr<float>(), sp, bp, y, M, N, K);
+        break;
+      case at::kBFloat16:
+        gemv_impl(x, reinterpret_cast<const uint16_t*>(w.data_ptr()), sp, bp, y, M, N, K);
+        break;
+      case at::kChar:
+        gemv_impl(x, w.data_ptr<int8_t>(), sp, bp, y, M, N, K);
+        break;
+      default:
+        TORCH_CHECK(false, "w must be float32, bfloat16 or int8, got ", w.scalar_type());
+    }
+  }
+};
+
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
+                const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "gemv: CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "gemv: x must be (M, K) and w (N, K)");
+  TORCH_CHECK(x.size(1) == w.size(1), "gemv: x has ", x.size(1), " columns, w ", w.size(1));
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "gemv: x must be float32");
+  const Linear linear(w, scale, bias, x.size(1), "gemv");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({xc.size(0), linear.out_features()}, xc.options());
+  linear(xc.data_ptr<float>(), xc.size(0), y.data_ptr<float>());
+  return y;
+}
+
+// ---- the fused block -------------------------------------------------------------------
+
+float dot(const float* a, const float* b, int64_t n) {
+  Vec acc = vzero();
+  int64_t i = 0;
+  for (; i + kWidth <= n; i += kWidth) acc = vfma(vload(a + i), vload(b + i), acc);
+  float s = vsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// y = LN(x) * gain + bias per row of C; the statistics in double (x and y may alias).
+void layer_norm(const float* x, const float* gain, const float* bias, double eps, int64_t M,
+                int64_t C, float* y) {
+  for (int64_t m = 0; m < M; ++m, x += C, y += C) {
+    double mean = 0.0, var = 0.0;
+    for (int64_t c = 0; c < C; ++c) mean += x[c];
+    mean /= double(C);
+    for (int64_t c = 0; c < C; ++c) var += (x[c] - mean) * (x[c] - mean);
+    const double rstd = 1.0 / std::sqrt(var / double(C) + eps);
+    for (int64_t c = 0; c < C; ++c) {
+      const float v = float((x[c] - mean) * rstd) * gain[c];
+      y[c] = bias ? v + bias[c] : v;
+    }
+  }
+}
+
+enum Activation : int64_t { kGeluTanh = 0, kRelu = 1, kLeakyRelu = 2 };
+
+using FVec = at::vec::Vectorized<float>;  // ATen's vector type, for its exp and tanh
+
+// GPT-2's GELU, 0.5 v (1 + tanh(sqrt(2/pi) (v + 0.044715 v^3))), as ATen's own kernel
+// computes it (a scalar std::tanh per value cost ~0.15 ms per gpt2 block).
+float gelu_tanh(float v) {
+  constexpr float kBeta = 0.7978845608028654f, kKappa = 0.044715f;
+  return 0.5f * v * (1.0f + std::tanh(kBeta * (v + kKappa * v * v * v)));
+}
+
+FVec gelu_tanh(FVec v) {
+  const FVec beta(0.7978845608028654f), kappa(0.044715f), half(0.5f), one(1.0f);
+  return half * v * (one + (beta * (v + kappa * v * v * v)).tanh());
+}
+
+void activate(float* h, int64_t n, int64_t activation, float slope) {
+  if (activation != kGeluTanh) {
+    for (int64_t i = 0; i < n; ++i)
+      h[i] = h[i] >= 0.0f ? h[i] : (activation == kRelu ? 0.0f : slope * h[i]);
+    return;
+  }
+  int64_t i = 0;
+  for (; i + FVec::size() <= n; i += FVec::size()) gelu_tanh(FVec::loadu(h + i)).store(h + i);
+  for (; i < n; ++i) h[i] = gelu_tanh(h[i]);
+}
+
+// w[i] = exp(w[i] - top) for i in [0, n); returns their sum.
+float exp_shifted(float* w, int64_t n, float top) {
+  const FVec shift(top);
+  FVec sums(0.0f);
+  int64_t i = 0;
+  for (; i + FVec::size() <= n; i += FVec::size()) {
+    const FVec e = (FVec::loadu(w + i) - shift).exp();
+    e.store(w + i);
+    sums = sums + e;
+  }
+  float lanes[FVec::size()];
+  sums.store(lanes);
+  float total = 0.0f;
+  for (float lane : lanes) total += lane;
+  for (; i < n; ++i) total += (w[i] = std::exp(w[i] - top));
+  return total;
+}
+
+// The tensors of one block, from 16 consecutive entries of decode_layers' `weights`:
+// ln_1 (weight, bias), ln_2 (weight, bias), then (weight, scale, bias) of qkv, the
+// attention output projection (weight None: no projection), fc and proj.
+struct Block {
+  const float *g1, *b1, *g2, *b2;  // layer-norm gains and biases (biases may be null)
+  Linear qkv, fc, proj;
+  std::optional<Linear> out;
+  int64_t band;  // > 0: a query sees only its last `band` keys
+
+  static constexpr int64_t kTensors = 16;
+
+  Block(const c10::List<std::optional<at::Tensor>>& w, int64_t first, int64_t C, int64_t band)
+      : g1(vector_of(w, first, C, "ln_1 weight", true)),
+        b1(vector_of(w, first + 1, C, "ln_1 bias", false)),
+        g2(vector_of(w, first + 2, C, "ln_2 weight", true)),
+        b2(vector_of(w, first + 3, C, "ln_2 bias", false)),
+        qkv(linear_of(w, first + 4, C, 3 * C, "qkv")),
+        fc(linear_of(w, first + 10, C, -1, "fc")),
+        proj(linear_of(w, first + 13, fc.out_features(), C, "proj")),
+        band(band) {
+    if (w.get(first + 7)) out.emplace(linear_of(w, first + 7, C, C, "out"));
+  }
+
+  static const float* vector_of(const c10::List<std::optional<at::Tensor>>& w, int64_t i,
+                                int64_t n, const char* name, bool required) {
+    const std::optional<at::Tensor> t = w.get(i);
+    TORCH_CHECK(t || !required, "decode_layers: ", name, " is missing");
+    if (!t) return nullptr;
+    TORCH_CHECK(t->numel() == n && t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                    t->device().is_cpu(),
+                "decode_layers: ", name, " must be contiguous float32 of ", n, " values");
+    return t->data_ptr<float>();
+  }
+
+  static Linear linear_of(const c10::List<std::optional<at::Tensor>>& w, int64_t i, int64_t K,
+                          int64_t N, const char* name) {
+    const std::optional<at::Tensor> weight = w.get(i);
+    TORCH_CHECK(weight.has_value(), "decode_layers: the ", name, " weight is missing");
+    Linear linear(*weight, w.get(i + 1), w.get(i + 2), K, name);
+    TORCH_CHECK(N < 0 || linear.out_features() == N, "decode_layers: ", name, " must have ", N,
+                " rows, got ", linear.out_features());
+    return linear;
+  }
+};
+
+// Scratch rows for one decode step: (M, C) normed input, (M, 3C) q|k|v, (M, C) attention
+// output and its projection, (M, F) feed-forward.
+struct Scratch {
+  std::vector<float> h, qkv, att, a, f;
+  Scratch(int64_t M, int64_t C, int64_t F)
+      : h(M * C), qkv(M * 3 * C), att(M * C), a(M * C), f(M * F) {}
+};
+
+// Heads attend, each to its own row's keys: att[m, head] = softmax(q k^T / sqrt(D)) v over
+// the positions [max(0, p[m] - band + 1), p[m]] of cache row m (kc, vc: (rows, H, S, D)).
+void attend(const float* qkv, const float* kc, const float* vc, const int64_t* p, int64_t band,
+            int64_t M, int64_t H, int64_t S, int64_t D, float* att) {
+  const int64_t C = H * D;
+  const float inv_sqrt_d = 1.0f / std::sqrt(float(D));
+  at::parallel_for(0, M * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> w(S);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t m = i / H, hd = i % H;
+      const int64_t first = band > 0 ? std::max<int64_t>(0, p[m] - band + 1) : 0;
+      const float* q = qkv + m * 3 * C + hd * D;
+      const float* k = kc + (m * H + hd) * S * D;
+      const float* v = vc + (m * H + hd) * S * D;
+      float top = -INFINITY;
+      for (int64_t s = first; s <= p[m]; ++s) {
+        w[s] = dot(q, k + s * D, D) * inv_sqrt_d;
+        top = std::max(top, w[s]);
+      }
+      const float total = exp_shifted(&w[first], p[m] + 1 - first, top);
+      float* o = att + m * C + hd * D;
+      std::fill(o, o + D, 0.0f);
+      for (int64_t s = first; s <= p[m]; ++s) {
+        const float ws = w[s] / total;
+        const float* vs = v + s * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += ws * vs[d];
+      }
+    }
+  });
+}
+
+// One block on the residual rows r (M, C), in place, as model.py's Block.forward:
+//   pre-LN:  r += attn(LN1(r));  r += mlp(LN2(r))
+//   post-LN: r = LN1(r + attn(r));  r = LN2(r + mlp(r))
+// The new keys and values go to position p[m] of cache row m first.
+void block_step(const Block& blk, float* r, float* kc, float* vc, const int64_t* p, int64_t M,
+                int64_t H, int64_t S, bool post_norm, int64_t activation, float slope,
+                double eps, Scratch& buf) {
+  const int64_t C = blk.qkv.in_features(), D = C / H, F = blk.fc.out_features();
+  const float* in = r;
+  if (!post_norm) {
+    layer_norm(r, blk.g1, blk.b1, eps, M, C, buf.h.data());
+    in = buf.h.data();
+  }
+  blk.qkv(in, M, buf.qkv.data());  // (M, 3C): q | k | v, head-major within each
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t hd = 0; hd < H; ++hd) {
+      const int64_t at = ((m * H + hd) * S + p[m]) * D;
+      std::memcpy(kc + at, &buf.qkv[m * 3 * C + C + hd * D], sizeof(float) * D);
+      std::memcpy(vc + at, &buf.qkv[m * 3 * C + 2 * C + hd * D], sizeof(float) * D);
+    }
+  }
+  attend(buf.qkv.data(), kc, vc, p, blk.band, M, H, S, D, buf.att.data());
+  const float* attended = buf.att.data();
+  if (blk.out) {
+    (*blk.out)(buf.att.data(), M, buf.a.data());
+    attended = buf.a.data();
+  }
+  for (int64_t i = 0; i < M * C; ++i) r[i] += attended[i];
+  in = r;
+  if (post_norm) {
+    layer_norm(r, blk.g1, blk.b1, eps, M, C, r);
+  } else {
+    layer_norm(r, blk.g2, blk.b2, eps, M, C, buf.h.data());
+    in = buf.h.data();
+  }
+  blk.fc(in, M, buf.f.data());
+  activate(buf.f.data(), M * F, activation, slope);
+  blk.proj(buf.f.data(), M, buf.a.data());
+  for (int64_t i = 0; i < M * C; ++i) r[i] += buf.a[i];
+  if (post_norm) layer_norm(r, blk.g2, blk.b2, eps, M, C, r);
+}
+
+// The stack of blocks for one new token per row: x (M, C) -> (M, C).
+//   k_cache, v_cache  (L', rows >= M, H, S, D) float32; layer l uses [slots[l]]
+//   pos               (M,) int64: the position of row m's new token (its cache slot)
+//   bands             one per layer: > 0 limits a query to its last `band` keys
+//   weights           Block::kTensors per layer
+at::Tensor decode_layers(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_cache,
+                         at::IntArrayRef slots, const at::Tensor& pos, at::IntArrayRef bands,
+                         int64_t n_head, bool post_norm, int64_t activation, double slope,
+                         double eps, const c10::List<std::optional<at::Tensor>>& weights) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kFloat,
+              "decode_layers: x must be a CPU float32 (M, C) tensor");
+  const int64_t M = x.size(0), C = x.size(1), H = n_head, L = int64_t(slots.size());
+  TORCH_CHECK(H > 0 && C % H == 0, "decode_layers: ", H, " heads do not divide ", C);
+  TORCH_CHECK(int64_t(bands.size()) == L && int64_t(weights.size()) == L * Block::kTensors,
+              "decode_layers: ", L, " layers need ", L, " bands and ", L * Block::kTensors,
+              " weights");
+  const int64_t D = C / H;
+  for (const at::Tensor* cache : {&k_cache, &v_cache}) {
+    TORCH_CHECK(cache->device().is_cpu() && cache->scalar_type() == at::kFloat &&
+                    cache->is_contiguous() && cache->dim() == 5 && cache->size(1) >= M &&
+                    cache->size(2) == H && cache->size(4) == D,
+                "decode_layers: the KV cache must be contiguous float32 (L, >= ", M, ", ", H,
+                ", S, ", D, "), got ", cache->sizes());
+  }
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "decode_layers: keys and values differ");
+  const int64_t S = k_cache.size(3), per_layer = k_cache[0].numel();
+  for (const int64_t slot : slots)
+    TORCH_CHECK(0 <= slot && slot < k_cache.size(0), "decode_layers: no cache slot ", slot);
+  TORCH_CHECK(pos.numel() == M && pos.scalar_type() == at::kLong && pos.device().is_cpu(),
+              "decode_layers: pos must hold one int64 position per row");
+  const at::Tensor positions = pos.contiguous();
+  const int64_t* p = positions.data_ptr<int64_t>();
+  for (int64_t m = 0; m < M; ++m)
+    TORCH_CHECK(0 <= p[m] && p[m] < S, "decode_layers: position ", p[m], " outside the cache");
+  TORCH_CHECK(activation >= kGeluTanh && activation <= kLeakyRelu, "decode_layers: activation");
+
+  std::vector<Block> blocks;
+  blocks.reserve(L);
+  for (int64_t l = 0; l < L; ++l) blocks.emplace_back(weights, l * Block::kTensors, C, bands[l]);
+  Scratch buf(M, C, blocks.empty() ? 0 : blocks[0].fc.out_features());
+  at::Tensor y = x.contiguous().clone();  // the residual stream, updated block by block
+  for (int64_t l = 0; l < L; ++l) {
+    TORCH_CHECK(blocks[l].fc.out_features() == blocks[0].fc.out_features(),
+                "decode_layers: layers of different widths");
+    block_step(blocks[l], y.data_ptr<float>(), k_cache.data_ptr<float>() + slots[l] * per_layer,
+               v_cache.data_ptr<float>() + slots[l] * per_layer, p, M, H, S, post_norm,
+               activation, float(slope), eps, buf);
+  }
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(GPTKIT_NS, m) {
+  m.def("gemv(Tensor x, Tensor w, Tensor? scale, Tensor? bias) -> Tensor");
+  m.def(
+      "decode_layers(Tensor x, Tensor(a!) k_cache, Tensor(b!) v_cache, int[] slots, "
+      "Tensor pos, int[] bands, int n_head, bool post_norm, int activation, float slope, "
+      "float eps, Tensor?[] weights) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(GPTKIT_NS, CPU, m) {
+  m.impl("gemv", &gemv);
+  m.impl("decode_layers", &decode_layers);
+}
