@@ -18,12 +18,6 @@ from gptkit import kernels
 from gptkit.quantize import quantize_rows
 
 
-def _buildable_isas() -> list[str]:
-    """The ISAs this CPU runs: AVX-512 machines run the AVX2 build too."""
-    cap = torch.backends.cpu.get_cpu_capability()
-    return {"AVX512": ["AVX512", "AVX2"], "AVX2": ["AVX2"]}.get(cap, [])
-
-
 def _weight(fmt: str, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(w in `fmt`, scale or None, the fp64 matrix they stand for)."""
     w = torch.randn(n, k) * torch.logspace(-2, 0, n)[:, None]  # rows of different size
@@ -38,7 +32,7 @@ def test_the_kernel_builds_on_an_x86_machine_with_a_compiler():
     """Guards the silent fallback: where it can be built, it is (CI is such a machine)."""
     if platform.machine() not in ("x86_64", "AMD64") or shutil.which("g++") is None:
         pytest.skip("not an x86-64 machine with g++")
-    if not _buildable_isas():
+    if not kernels.runnable_isas():
         pytest.skip("CPU has neither AVX2 nor AVX-512")
     assert kernels.gemv_op() is not None
 
@@ -49,7 +43,7 @@ def test_the_kernel_builds_on_an_x86_machine_with_a_compiler():
 def test_gemv_matches_float64_reference(isa, fmt, threads):
     """Guards the vector loop, its K tail, the partial last row block, the next-block
     prefetch and the thread split: every shape against x @ W^T * scale + bias in fp64."""
-    if isa not in _buildable_isas():
+    if isa not in kernels.runnable_isas():
         pytest.skip(f"this CPU cannot run the {isa} build")
     op = kernels.gemv_op(isa)
     assert op is not None

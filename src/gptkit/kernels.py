@@ -56,6 +56,12 @@ Gemv = Callable[
 ]
 
 
+def runnable_isas() -> list[str]:
+    """The ISAs of ISA_FLAGS this CPU runs: an AVX-512 machine runs the AVX2 build too."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    return {"AVX512": ["AVX512", "AVX2"], "AVX2": ["AVX2"]}.get(cap, [])
+
+
 def enabled() -> bool:
     """False when the environment turns native kernels off (GPTKIT_NATIVE_KERNELS=0)."""
     return os.environ.get("GPTKIT_NATIVE_KERNELS", "1") not in ("0", "false", "no", "off")

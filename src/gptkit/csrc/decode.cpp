@@ -78,7 +78,7 @@ inline float vsum(Vec v) {
   return _mm_cvtss_f32(_mm_hadd_ps(s, s));
 }
 #else
-#error "gemv.cpp needs AVX-512 (F, BW) or AVX2 with FMA"
+#error "decode.cpp needs AVX-512 (F, BW) or AVX2 with FMA"
 #endif
 
 inline float to_float(float v) { return v; }

@@ -1,0 +1,192 @@
+"""The native decode step (`decode_layers`, src/gptkit/csrc/decode.cpp) against the eager
+blocks it replaces: the same logits, step after step, for every architecture switch the
+op reads (post-/pre-LN, activations, output projection or none, biases or none, banded
+layers), every weight format, both ISA builds, both cache kinds; and the eager path
+wherever the native one must not run (hooks, training, autograd, reference attention)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from gptkit import kernels
+from gptkit.model import GPT, KVCache, SlotKVCache
+from gptkit.quantize import quantize_model
+
+pytestmark = pytest.mark.skipif(
+    kernels.decode_layers_op() is None, reason="the native CPU kernels cannot be built here"
+)
+
+CONFIGS = {
+    # the spec: post-LN, leaky ReLU, no attention output projection, sinusoidal positions
+    "seed": tiny_config("seed", d_model=64, n_head=2),
+    # GPT-2: pre-LN, GELU, output projection, biases; head_dim 8 is shorter than a vector
+    "gpt2": tiny_config("gpt2"),
+    "relu-nobias": tiny_config("gpt2", activation="relu", bias=False, d_model=48, n_head=3),
+    # GPT-3's alternating dense and banded layers, with a band the steps run past
+    "banded": tiny_config("gpt2", attention="alternating", attn_band=5),
+}
+
+
+@pytest.fixture
+def native_calls(monkeypatch) -> list[int]:
+    """Counts calls of the native op (one per decode step that took it)."""
+    return _spy(monkeypatch, kernels.decode_layers_op())
+
+
+def _spy(monkeypatch, op) -> list[int]:
+    calls: list[int] = []
+
+    def counted(*args):
+        calls.append(1)
+        return op(*args)
+
+    monkeypatch.setattr(kernels, "decode_layers_op", lambda: counted)
+    return calls
+
+
+def _model(name: str, weights: str = "fp32") -> GPT:
+    model = GPT(CONFIGS[name]).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so that every tensor matters
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return quantize_model(model, weights)
+
+
+def _stepped_logits(
+    model: GPT, idx: torch.Tensor, prompt: int, cache: KVCache, native: bool
+) -> torch.Tensor:
+    """Logits (B, steps, V) of feeding idx[:, prompt:] one token at a time after a prefill."""
+    model.native_decode = native
+    with torch.inference_mode():
+        model(idx[:, :prompt], cache)
+        steps = [model(idx[:, t : t + 1], cache) for t in range(prompt, idx.shape[1])]
+    return torch.cat(steps, dim=1)
+
+
+def _assert_same_steps(model: GPT, idx: torch.Tensor, prompt: int, make_cache) -> None:
+    native = _stepped_logits(model, idx, prompt, make_cache(), native=True)
+    eager = _stepped_logits(copy.deepcopy(model), idx, prompt, make_cache(), native=False)
+    torch.testing.assert_close(native, eager, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("weights", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_native_steps_equal_the_eager_blocks(name, weights, batch, native_calls):
+    """Guards every line of the fused block: norms, cache writes, attention (and its band),
+    activation, residuals, biases, scales. A wrong one moves the logits far past 1e-5."""
+    model = _model(name, weights)
+    cfg = model.config
+    idx = torch.randint(0, cfg.vocab_size, (batch, cfg.context_length))
+    make_cache = lambda: KVCache(cfg, batch, ring_buffers=False)  # noqa: E731
+    _assert_same_steps(model, idx, 5, make_cache)
+    assert len(native_calls) == cfg.context_length - 5
+
+
+@pytest.mark.parametrize("isa", ["AVX512", "AVX2"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_each_isa_build_and_thread_split(isa, threads, monkeypatch):
+    """Guards the AVX2 build (ATen's Vectorized exp and tanh differ per ISA) and the split
+    of attention heads over threads."""
+    if isa not in kernels.runnable_isas():
+        pytest.skip(f"this CPU cannot run the {isa} build")
+    calls = _spy(monkeypatch, kernels.library(isa).decode_layers)
+    torch.set_num_threads(threads)  # conftest restores it
+    model = _model("gpt2")
+    idx = torch.randint(0, model.config.vocab_size, (2, 20))
+    _assert_same_steps(model, idx, 4, lambda: KVCache(model.config, 2))
+    assert len(calls) == 16
+
+
+@pytest.mark.parametrize("name", ["gpt2", "banded"])
+def test_slot_cache_rows_at_different_lengths(name, native_calls):
+    """Guards the server's path: each row writes and attends at its own position."""
+    model = _model(name)
+    cfg = model.config
+    lengths = [3, 9, 6]
+    prompts = [torch.randint(0, cfg.vocab_size, (1, n)) for n in lengths]
+    steps = torch.randint(0, cfg.vocab_size, (len(lengths), 12))
+
+    def run(native: bool) -> torch.Tensor:
+        m = copy.deepcopy(model)
+        m.native_decode = native
+        slots = SlotKVCache(cfg, 4)
+        with torch.inference_mode():
+            for row, prompt in enumerate(prompts):
+                single = KVCache(cfg, 1, ring_buffers=False)
+                m(prompt, single)
+                slots.load(row, single)
+            return torch.cat([m(steps[:, t : t + 1], slots) for t in range(12)], dim=1)
+
+    torch.testing.assert_close(run(True), run(False), atol=1e-5, rtol=1e-5)
+    assert len(native_calls) == 12
+
+
+def test_ring_buffered_cache_stays_eager(native_calls):
+    """A banded layer kept in a ring buffer has no slot at each position: eager it is."""
+    model = _model("banded")
+    cache = KVCache(model.config, 1)
+    assert cache.ringed
+    _stepped_logits(model, torch.randint(0, 61, (1, 12)), 4, cache, native=True)
+    assert native_calls == []
+
+
+def test_hooks_training_autograd_and_reference_attention_stay_eager(native_calls):
+    """Guards the conditions: the native op skips the blocks' modules, so wherever one of
+    them must run (a hook, dropout in training, autograd, explain's reference attention)
+    the step must be eager."""
+    model = _model("gpt2")
+    cfg = model.config
+    idx = torch.randint(0, cfg.vocab_size, (1, 3))
+
+    def step() -> None:  # a prefill of two tokens, then one decode step
+        cache = KVCache(cfg, 1)
+        model(idx[:, :2], cache)
+        model(idx[:, 2:], cache)
+
+    seen = []
+    handle = model.h[1].mlp.c_fc.register_forward_hook(lambda *a: seen.append(1))
+    with torch.inference_mode():
+        step()
+    handle.remove()
+    assert seen == [1, 1] and native_calls == []
+    with torch.no_grad():  # the same step without a hook does go native
+        step()
+    assert len(native_calls) == 1
+    model.train()
+    with torch.no_grad():
+        step()
+    model.eval()
+    step()  # autograd on
+    model.set_reference_attention(True)
+    with torch.no_grad():
+        step()
+    model.set_reference_attention(False)
+    with torch.no_grad():  # more rows than the kernel takes
+        cache = KVCache(cfg, kernels.MAX_ROWS + 1)
+        model(torch.zeros(kernels.MAX_ROWS + 1, 2, dtype=torch.long), cache)  # prefill
+        model(torch.zeros(kernels.MAX_ROWS + 1, 1, dtype=torch.long), cache)
+    assert len(native_calls) == 1
+
+
+def test_bad_arguments_get_messages():
+    op = kernels.decode_layers_op()
+    model = _model("gpt2")
+    cfg = model.config
+    cache = KVCache(cfg, 1)
+    weights = [t for block in model.h for t in block.native_tensors()]
+    x, pos = torch.randn(1, cfg.d_model), torch.zeros(1, dtype=torch.long)
+    args = (cache.k, cache.v, [0, 1], pos, [0, 0], cfg.n_head, False, 0, 0.0, 1e-5)
+    with pytest.raises(RuntimeError, match="2 layers need 2 bands and 32 weights"):
+        op(x, *args, weights[:-1])
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        op(x, *args[:3], torch.tensor([cfg.context_length]), *args[4:], weights)
+    with pytest.raises(RuntimeError, match="heads do not divide"):
+        op(x, *args[:5], 5, *args[6:], weights)
+    with pytest.raises(RuntimeError, match="qkv must have"):
+        op(x, *args, weights[:4] + weights[10:13] + weights[7:])
