@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	# The CPU wheel first: a bare torch requirement would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# The native CPU decode kernels, built now rather than at the first sample (~25 s).
+	$(PY) -c "from gptkit import kernels; kernels.library()"
 	touch $(STAMP)
 
 install: $(STAMP)
