@@ -92,8 +92,13 @@ def _single_device(name: str) -> torch.device:
     return resolve_device(name)
 
 
-def shutdown(env: DistEnv) -> None:
+def shutdown(env: DistEnv, finished: bool = False) -> None:
+    """Leave the process group. `finished`: every rank got here normally, so wait for the
+    others first: a rank that tore its group down while rank 0 was still saving aborted
+    once in gloo's teardown ("terminate called without an active exception")."""
     if env.enabled and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -435,12 +435,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     Under torchrun every process calls this; they train one model together.
     """
     env, device = distributed.init(cfg.device)
+    finished = False
     try:
         if cfg.fsdp and not env.enabled:
             raise GptkitError("--fsdp shards across processes: launch with torchrun")
-        return _train(cfg, progress, env, device)
+        run_dir = _train(cfg, progress, env, device)
+        finished = True
+        return run_dir
     finally:
-        distributed.shutdown(env)
+        distributed.shutdown(env, finished)
 
 
 def _train(
