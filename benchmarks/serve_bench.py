@@ -138,16 +138,20 @@ async def load(url: str, clients: int, max_tokens: int, pid: int) -> dict[str, f
     }
 
 
-def step_cpu_ms(model_dir: Path, batch_sizes: list[int], steps: int = 20) -> dict[int, float]:
+def step_cpu_ms(
+    model_dir: Path, batch_sizes: list[int], native: bool = True, steps: int = 20
+) -> dict[int, float]:
     """CPU time (this thread, 1 torch thread) of one scheduler decode step per batch size.
 
     Thread CPU time hardly moves when other processes share the cores, unlike wall time.
+    `native=False` keeps the steps on the eager blocks (`GPT.native_decode`), for comparison.
     """
     from gptkit.batching import SamplingParams, Scheduler, Sequence
     from gptkit.checkpoint import load
 
     torch.set_num_threads(1)
     model, tok = load(model_dir)
+    model.native_decode = native
     prompt = tok.encode(PROMPT)
     out = {}
     for B in batch_sizes:
@@ -179,8 +183,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "bench-model"
         make_model(model_dir, args.n_layer, args.d_model, args.context)
-        for B, ms in step_cpu_ms(model_dir, args.clients).items():
-            print(f"decode step, batch {B:>3}: {ms:6.2f} ms CPU = {ms / B:5.2f} ms CPU per token")
+        for native in (True, False):
+            path = "native" if native else "eager blocks"
+            for B, ms in step_cpu_ms(model_dir, args.clients, native).items():
+                print(
+                    f"decode step ({path}), batch {B:>3}: {ms:6.2f} ms CPU "
+                    f"= {ms / B:5.2f} ms CPU per token"
+                )
         if args.steps_only:
             return
         for label, max_batch in [("batched (max-batch 32)", 32), ("unbatched (max-batch 1)", 1)]:
