@@ -181,12 +181,14 @@ def test_bad_arguments_get_messages():
     cache = KVCache(cfg, 1)
     weights = [t for block in model.h for t in block.native_tensors()]
     x, pos = torch.randn(1, cfg.d_model), torch.zeros(1, dtype=torch.long)
-    args = (cache.k, cache.v, [0, 1], pos, [0, 0], cfg.n_head, False, 0, 0.0, 1e-5)
-    with pytest.raises(RuntimeError, match="2 layers need 2 bands and 32 weights"):
+    args = (cache.k, cache.v, pos, [0, 0], cfg.n_head, False, 0, 0.0, 1e-5)
+    with pytest.raises(RuntimeError, match="2 layers need 32 weights, got 31"):
         op(x, *args, weights[:-1])
     with pytest.raises(RuntimeError, match="outside the cache"):
-        op(x, *args[:3], torch.tensor([cfg.context_length]), *args[4:], weights)
+        op(x, *args[:2], torch.tensor([cfg.context_length]), *args[3:], weights)
     with pytest.raises(RuntimeError, match="heads do not divide"):
-        op(x, *args[:5], 5, *args[6:], weights)
+        op(x, *args[:4], 5, *args[5:], weights)
+    with pytest.raises(RuntimeError, match="KV cache must be"):
+        op(x, *args[:3], [0, 0, 0], *args[4:], weights + weights[:16])
     with pytest.raises(RuntimeError, match="qkv must have"):
         op(x, *args, weights[:4] + weights[10:13] + weights[7:])

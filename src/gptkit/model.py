@@ -488,7 +488,6 @@ class GPT(nn.Module):
         # A CPU decode step runs the whole stack of blocks in one native op where it
         # applies (see `native_decode_op`); False keeps every step on the eager modules.
         self.native_decode = True
-        self._bands = [config.attn_band_of(i) or 0 for i in range(config.n_layer)]
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -536,7 +535,8 @@ class GPT(nn.Module):
         """The native `decode_layers` op if the blocks may run on it for input x, else None.
 
         It applies to a decode step on a CPU: one new fp32 token per row, at most
-        `kernels.MAX_ROWS` rows, a KV cache without ring buffers, eval mode without
+        `kernels.MAX_ROWS` rows, a KV cache without ring buffers (then layer l's keys are
+        `kv_cache.k[l]`), eval mode without
         autograd, outside torch.compile, no reference attention (`explain` reads its
         weights) and no forward hooks on the blocks or their parts (the op runs the
         whole stack without calling those modules).
@@ -559,26 +559,27 @@ class GPT(nn.Module):
             return None
         return kernels.decode_layers_op()
 
-    def _native_blocks(
-        self,
-        op: Callable[..., torch.Tensor],
-        x: torch.Tensor,
-        kv_cache: KVCache | SlotKVCache,
-        slots: list[int],
-        pos: torch.Tensor,
-    ) -> torch.Tensor:
-        """The stack of blocks on x (B, 1, C) in one call of the native op.
-
-        Layer l's keys and values are written to kv_cache.k[slots[l]] (and .v) at row b's
-        position pos[b] and read up to it: what `Block.forward` does through the cache.
-        """
+    def _blocks(self, x: torch.Tensor, kv_cache: KVCache | SlotKVCache | None) -> torch.Tensor:
+        """The stack of blocks on x (B, T, C): one native op for a decode step where it
+        applies (`native_decode_op`), else each `Block` in turn."""
+        op = self.native_decode_op(x, kv_cache)
+        if op is None:
+            for layer, block in enumerate(self.h):
+                x = block(x, kv_cache, layer)
+            return x
+        # Layer l's keys and values go to kv_cache.k[l] (and .v) at row b's position
+        # pos[b] and are read up to it: what `Block.forward` does through the cache.
         cfg = self.config
         B, _, C = x.shape
+        if isinstance(kv_cache, SlotKVCache):
+            pos = kv_cache.lengths[:B]
+        else:
+            pos = torch.full((B,), kv_cache.pos)
+        bands = [cfg.attn_band_of(layer) or 0 for layer in range(cfg.n_layer)]
         weights = [t for block in self.h for t in block.native_tensors()]
         y = op(
-            x.view(B, C), kv_cache.k, kv_cache.v, slots, pos, self._bands, cfg.n_head,
-            cfg.norm == "post", NATIVE_ACTIVATIONS[cfg.activation], cfg.leaky_slope,
-            cfg.layer_norm_eps, weights,
+            x.view(B, C), kv_cache.k, kv_cache.v, pos, bands, cfg.n_head, cfg.norm == "post",
+            NATIVE_ACTIVATIONS[cfg.activation], cfg.leaky_slope, cfg.layer_norm_eps, weights,
         )  # fmt: skip
         return y.view(B, 1, C)
 
@@ -611,13 +612,7 @@ class GPT(nn.Module):
             x = x + self.pe[start : start + T].to(x.dtype)
         x = self.drop(x)
         # 2. the stack of blocks
-        op = self.native_decode_op(x, kv_cache)
-        if op is not None:
-            slots = [kv_cache.slot[layer] for layer in range(len(self.h))]
-            x = self._native_blocks(op, x, kv_cache, slots, torch.full((B,), start))
-        else:
-            for layer, block in enumerate(self.h):
-                x = block(x, kv_cache, layer)
+        x = self._blocks(x, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
         # 3. final norm (pre-LN only); `forward` applies the unembedding
@@ -640,13 +635,7 @@ class GPT(nn.Module):
         else:
             x = x + self.pe[pos].to(x.dtype)  # (B, T, C)
         x = self.drop(x)
-        op = self.native_decode_op(x, kv_cache)
-        if op is not None:
-            slots = list(range(len(self.h)))
-            x = self._native_blocks(op, x, kv_cache, slots, kv_cache.lengths[:B])
-        else:
-            for layer, block in enumerate(self.h):
-                x = block(x, kv_cache, layer)
+        x = self._blocks(x, kv_cache)
         kv_cache.advance(B, T)
         if self.ln_f is not None:
             x = self.ln_f(x)

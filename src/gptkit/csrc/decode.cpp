@@ -19,7 +19,7 @@
 // products (dispatch, allocation, thread wake-ups per op): a fifth of an fp32 token and
 // two fifths of an int8 one. Here the layer norms, the KV-cache writes, attention over the
 // cached keys, the activation and the residual adds are plain loops between the products.
-// model.py's `GPT._native_blocks` passes the arguments; the eager blocks are its reference.
+// model.py's `GPT._blocks` passes the arguments; the eager blocks are its reference.
 //
 // Built by gptkit/kernels.py for the CPU's vector ISA (AVX-512 or AVX2+FMA) under the op
 // namespace GPTKIT_NS; products and attention heads are split across ATen's OpenMP threads.
@@ -400,33 +400,30 @@ void block_step(const Block& blk, float* r, float* kc, float* vc, const int64_t*
 }
 
 // The stack of blocks for one new token per row: x (M, C) -> (M, C).
-//   k_cache, v_cache  (L', rows >= M, H, S, D) float32; layer l uses [slots[l]]
+//   k_cache, v_cache  (L, rows >= M, H, S, D) float32; layer l uses [l]
 //   pos               (M,) int64: the position of row m's new token (its cache slot)
 //   bands             one per layer: > 0 limits a query to its last `band` keys
 //   weights           Block::kTensors per layer
 at::Tensor decode_layers(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_cache,
-                         at::IntArrayRef slots, const at::Tensor& pos, at::IntArrayRef bands,
-                         int64_t n_head, bool post_norm, int64_t activation, double slope,
-                         double eps, const c10::List<std::optional<at::Tensor>>& weights) {
+                         const at::Tensor& pos, at::IntArrayRef bands, int64_t n_head,
+                         bool post_norm, int64_t activation, double slope, double eps,
+                         const c10::List<std::optional<at::Tensor>>& weights) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kFloat,
               "decode_layers: x must be a CPU float32 (M, C) tensor");
-  const int64_t M = x.size(0), C = x.size(1), H = n_head, L = int64_t(slots.size());
+  const int64_t M = x.size(0), C = x.size(1), H = n_head, L = int64_t(bands.size());
   TORCH_CHECK(H > 0 && C % H == 0, "decode_layers: ", H, " heads do not divide ", C);
-  TORCH_CHECK(int64_t(bands.size()) == L && int64_t(weights.size()) == L * Block::kTensors,
-              "decode_layers: ", L, " layers need ", L, " bands and ", L * Block::kTensors,
-              " weights");
+  TORCH_CHECK(int64_t(weights.size()) == L * Block::kTensors, "decode_layers: ", L,
+              " layers need ", L * Block::kTensors, " weights, got ", weights.size());
   const int64_t D = C / H;
   for (const at::Tensor* cache : {&k_cache, &v_cache}) {
     TORCH_CHECK(cache->device().is_cpu() && cache->scalar_type() == at::kFloat &&
-                    cache->is_contiguous() && cache->dim() == 5 && cache->size(1) >= M &&
-                    cache->size(2) == H && cache->size(4) == D,
-                "decode_layers: the KV cache must be contiguous float32 (L, >= ", M, ", ", H,
-                ", S, ", D, "), got ", cache->sizes());
+                    cache->is_contiguous() && cache->dim() == 5 && cache->size(0) == L &&
+                    cache->size(1) >= M && cache->size(2) == H && cache->size(4) == D,
+                "decode_layers: the KV cache must be contiguous float32 (", L, ", >= ", M,
+                ", ", H, ", S, ", D, "), got ", cache->sizes());
   }
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "decode_layers: keys and values differ");
   const int64_t S = k_cache.size(3), per_layer = k_cache[0].numel();
-  for (const int64_t slot : slots)
-    TORCH_CHECK(0 <= slot && slot < k_cache.size(0), "decode_layers: no cache slot ", slot);
   TORCH_CHECK(pos.numel() == M && pos.scalar_type() == at::kLong && pos.device().is_cpu(),
               "decode_layers: pos must hold one int64 position per row");
   const at::Tensor positions = pos.contiguous();
@@ -443,9 +440,9 @@ at::Tensor decode_layers(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v
   for (int64_t l = 0; l < L; ++l) {
     TORCH_CHECK(blocks[l].fc.out_features() == blocks[0].fc.out_features(),
                 "decode_layers: layers of different widths");
-    block_step(blocks[l], y.data_ptr<float>(), k_cache.data_ptr<float>() + slots[l] * per_layer,
-               v_cache.data_ptr<float>() + slots[l] * per_layer, p, M, H, S, post_norm,
-               activation, float(slope), eps, buf);
+    block_step(blocks[l], y.data_ptr<float>(), k_cache.data_ptr<float>() + l * per_layer,
+               v_cache.data_ptr<float>() + l * per_layer, p, M, H, S, post_norm, activation,
+               float(slope), eps, buf);
   }
   return y;
 }
@@ -455,9 +452,9 @@ at::Tensor decode_layers(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v
 TORCH_LIBRARY(GPTKIT_NS, m) {
   m.def("gemv(Tensor x, Tensor w, Tensor? scale, Tensor? bias) -> Tensor");
   m.def(
-      "decode_layers(Tensor x, Tensor(a!) k_cache, Tensor(b!) v_cache, int[] slots, "
-      "Tensor pos, int[] bands, int n_head, bool post_norm, int activation, float slope, "
-      "float eps, Tensor?[] weights) -> Tensor");
+      "decode_layers(Tensor x, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor pos, "
+      "int[] bands, int n_head, bool post_norm, int activation, float slope, float eps, "
+      "Tensor?[] weights) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(GPTKIT_NS, CPU, m) {
