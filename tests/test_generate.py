@@ -208,6 +208,9 @@ class ScriptedModel(nn.Module):
             kv_cache.advance(T)
         return logits
 
+    def next_logits(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        return self.hidden_states(idx, kv_cache)[:, -1]  # what generation samples from
+
 
 EOT = 9
 

@@ -1,4 +1,4 @@
-"""The native decode step (`decode_layers`, src/gptkit/csrc/decode.cpp) against the eager
+"""The native decode step (`decode_step`, src/gptkit/csrc/decode.cpp) against the eager
 blocks it replaces: the same logits, step after step, for every architecture switch the
 op reads (post-/pre-LN, activations, output projection or none, biases or none, banded
 layers), every weight format, both ISA builds, both cache kinds; and the eager path
@@ -17,7 +17,7 @@ from gptkit.model import GPT, KVCache, SlotKVCache
 from gptkit.quantize import quantize_model
 
 pytestmark = pytest.mark.skipif(
-    kernels.decode_layers_op() is None, reason="the native CPU kernels cannot be built here"
+    kernels.decode_step_op() is None, reason="the native CPU kernels cannot be built here"
 )
 
 CONFIGS = {
@@ -25,7 +25,9 @@ CONFIGS = {
     "seed": tiny_config("seed", d_model=64, n_head=2),
     # GPT-2: pre-LN, GELU, output projection, biases; head_dim 8 is shorter than a vector
     "gpt2": tiny_config("gpt2"),
-    "relu-nobias": tiny_config("gpt2", activation="relu", bias=False, d_model=48, n_head=3),
+    "relu-nobias-untied": tiny_config(
+        "gpt2", activation="relu", bias=False, d_model=48, n_head=3, tie_embeddings=False
+    ),
     # GPT-3's alternating dense and banded layers, with a band the steps run past
     "banded": tiny_config("gpt2", attention="alternating", attn_band=5),
 }
@@ -34,7 +36,7 @@ CONFIGS = {
 @pytest.fixture
 def native_calls(monkeypatch) -> list[int]:
     """Counts calls of the native op (one per decode step that took it)."""
-    return _spy(monkeypatch, kernels.decode_layers_op())
+    return _spy(monkeypatch, kernels.decode_step_op())
 
 
 def _spy(monkeypatch, op) -> list[int]:
@@ -44,7 +46,7 @@ def _spy(monkeypatch, op) -> list[int]:
         calls.append(1)
         return op(*args)
 
-    monkeypatch.setattr(kernels, "decode_layers_op", lambda: counted)
+    monkeypatch.setattr(kernels, "decode_step_op", lambda: counted)
     return calls
 
 
@@ -95,7 +97,7 @@ def test_each_isa_build_and_thread_split(isa, threads, monkeypatch):
     of attention heads over threads."""
     if isa not in kernels.runnable_isas():
         pytest.skip(f"this CPU cannot run the {isa} build")
-    calls = _spy(monkeypatch, kernels.library(isa).decode_layers)
+    calls = _spy(monkeypatch, kernels.library(isa).decode_step)
     torch.set_num_threads(threads)  # conftest restores it
     model = _model("gpt2")
     idx = torch.randint(0, model.config.vocab_size, (2, 20))
@@ -174,21 +176,34 @@ def test_hooks_training_autograd_and_reference_attention_stay_eager(native_calls
     assert len(native_calls) == 1
 
 
+@torch.no_grad()
 def test_bad_arguments_get_messages():
-    op = kernels.decode_layers_op()
+    op = kernels.decode_step_op()
     model = _model("gpt2")
     cfg = model.config
     cache = KVCache(cfg, 1)
     weights = [t for block in model.h for t in block.native_tensors()]
-    x, pos = torch.randn(1, cfg.d_model), torch.zeros(1, dtype=torch.long)
-    args = (cache.k, cache.v, pos, [0, 0], cfg.n_head, False, 0, 0.0, 1e-5)
-    with pytest.raises(RuntimeError, match="2 layers need 32 weights, got 31"):
-        op(x, *args, weights[:-1])
-    with pytest.raises(RuntimeError, match="outside the cache"):
-        op(x, *args[:2], torch.tensor([cfg.context_length]), *args[3:], weights)
-    with pytest.raises(RuntimeError, match="heads do not divide"):
-        op(x, *args[:4], 5, *args[5:], weights)
-    with pytest.raises(RuntimeError, match="KV cache must be"):
-        op(x, *args[:3], [0, 0, 0], *args[4:], weights + weights[:16])
-    with pytest.raises(RuntimeError, match="qkv must have"):
-        op(x, *args, weights[:4] + weights[10:13] + weights[7:])
+    good = dict(
+        idx=torch.zeros(1, dtype=torch.long), wte=model.wte.weight, wte_scale=None,
+        embed_scale=1.0, positions=model.wpe.weight, k_cache=cache.k, v_cache=cache.v,
+        pos=torch.zeros(1, dtype=torch.long), bands=[0, 0], n_head=cfg.n_head,
+        post_norm=False, activation=0, slope=0.0, eps=1e-5, weights=weights,
+        lnf_w=model.ln_f.weight, lnf_b=model.ln_f.bias, head=model.lm_head.weight,
+        head_scale=None,
+    )  # fmt: skip
+
+    def call(**changes):
+        return op(*{**good, **changes}.values())
+
+    assert call().shape == (1, cfg.vocab_size)
+    bad = [
+        ("2 layers need 32 weights, got 31", dict(weights=weights[:-1])),
+        ("outside the cache", dict(pos=torch.tensor([cfg.context_length]))),
+        ("token id 61 outside", dict(idx=torch.tensor([cfg.vocab_size]))),
+        ("heads do not divide", dict(n_head=5)),
+        ("KV cache must be", dict(bands=[0, 0, 0], weights=weights + weights[:16])),
+        ("qkv must have", dict(weights=weights[:4] + weights[10:13] + weights[7:])),
+    ]
+    for message, changes in bad:
+        with pytest.raises(RuntimeError, match=message):
+            call(**changes)

@@ -235,7 +235,7 @@ class Scheduler:
         """2. one forward pass for every active row, each at its own position."""
         B = len(self.active)
         idx = torch.tensor([[s.last_token] for s in self.active], device=self.device)  # (B, 1)
-        logits = self.model.lm_head(self.model.hidden_states(idx, self.cache)[:, -1])  # (B, V)
+        logits = self.model.next_logits(idx, self.cache)  # (B, V)
         with self.stats.lock:
             self.stats.batch_size.observe(B)
             self.stats.steps += 1

@@ -28,7 +28,7 @@ also past the context) at the reference's cost: a step past the context processe
 `context_length` tokens instead of one. A cheaper scheme that re-fills the cache with
 half a window and then appends to it for half a window of steps would amortise that,
 but it conditions tokens on a different window than the reference, so it is not used.
-Only the last position is ever unembedded (`GPT.hidden_states`, then `lm_head`).
+Only the last position is ever unembedded (`GPT.next_logits`).
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def _last_logits(model: GPT, idx: torch.Tensor, kv_cache: KVCache | None) -> tor
     Only the last position is unembedded: a prefill or window rebuild of T tokens would
     otherwise compute, and hold, (B, T, V) logits to use one row of them.
     """
-    return model.lm_head(model.hidden_states(idx, kv_cache)[:, -1])  # (B, V)
+    return model.next_logits(idx, kv_cache)  # (B, V)
 
 
 def stream(

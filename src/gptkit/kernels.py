@@ -9,9 +9,10 @@ holds two ops:
 
 - `gemv`: the matrix-vector product for fp32, bf16 and int8 weights; each weight is
   widened in registers while prefetches keep the memory system busy.
-- `decode_layers`: the whole stack of transformer blocks for one new token per row
-  (layer norms, products, KV-cache writes, attention, activations, residuals) in one
-  call; `gptkit.model.GPT.hidden_states` uses it for CPU decode steps.
+- `decode_step`: a whole decode step for one new token per row, token ids to logits
+  (embeddings, every block's layer norms, products, KV-cache writes, attention,
+  activations and residuals, the final norm, the unembedding) in one call;
+  `gptkit.model.GPT.forward` and `next_logits` use it for CPU decode steps.
 
     >>> op = gemv_op()                       # None where the kernels cannot be built
     >>> y = op(x, w_int8, scale, bias)       # x (M, K) fp32, w (N, K) -> (M, N) fp32
@@ -76,10 +77,10 @@ def gemv_op(isa: str | None = None) -> Gemv | None:
     return None if ops is None else ops.gemv
 
 
-def decode_layers_op(isa: str | None = None) -> Callable[..., torch.Tensor] | None:
-    """The compiled `decode_layers(...)` for `isa` (default: this CPU's), or None."""
+def decode_step_op(isa: str | None = None) -> Callable[..., torch.Tensor] | None:
+    """The compiled `decode_step(...)` for `isa` (default: this CPU's), or None."""
     ops = library(isa)
-    return None if ops is None else ops.decode_layers
+    return None if ops is None else ops.decode_step
 
 
 @functools.cache

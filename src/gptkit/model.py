@@ -485,8 +485,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # one tensor, two uses
-        # A CPU decode step runs the whole stack of blocks in one native op where it
-        # applies (see `native_decode_op`); False keeps every step on the eager modules.
+        # A CPU decode step runs in one native op where it applies (see
+        # `native_step_op`); False keeps every step on the eager modules.
         self.native_decode = True
         self.init_weights()
 
@@ -527,61 +527,92 @@ class GPT(nn.Module):
         With `kv_cache`, `idx` holds the next T tokens after the `kv_cache.pos` cached ones;
         their keys and values are appended and the cache advances by T.
         """
+        op = self.native_step_op(idx, kv_cache)
+        if op is not None:  # a CPU decode step (see `native_step_op`): one native call
+            return self._native_step(op, idx, kv_cache)[:, None]  # (B, 1, V)
         return self.lm_head(self.hidden_states(idx, kv_cache))  # (B, T, V)
 
-    def native_decode_op(
-        self, x: torch.Tensor, kv_cache: KVCache | SlotKVCache | None
+    def native_step_op(
+        self, idx: torch.Tensor, kv_cache: KVCache | SlotKVCache | None
     ) -> Callable[..., torch.Tensor] | None:
-        """The native `decode_layers` op if the blocks may run on it for input x, else None.
+        """The native `decode_step` op if it may run this forward pass, else None.
 
-        It applies to a decode step on a CPU: one new fp32 token per row, at most
-        `kernels.MAX_ROWS` rows, a KV cache without ring buffers (then layer l's keys are
-        `kv_cache.k[l]`), eval mode without
-        autograd, outside torch.compile, no reference attention (`explain` reads its
-        weights) and no forward hooks on the blocks or their parts (the op runs the
-        whole stack without calling those modules).
+        It applies to a decode step on a CPU: one new token per row, at most
+        `kernels.MAX_ROWS` rows, fp32 activations and a fp32 KV cache without ring buffers
+        (then layer l's keys are `kv_cache.k[l]`), eval mode without autograd, outside
+        torch.compile, no reference attention (`explain` reads its weights) and no forward
+        hooks anywhere in the model (the op runs the whole step without calling modules).
         """
         if (
             kv_cache is None
             or not self.native_decode
-            or x.shape[1] != 1
-            or x.shape[0] > kernels.MAX_ROWS
-            or x.device.type != "cpu"
-            or x.dtype != torch.float32
+            or idx.shape[1] != 1
+            or idx.shape[0] > kernels.MAX_ROWS
+            or idx.device.type != "cpu"
             or kv_cache.k.dtype != torch.float32
             or (isinstance(kv_cache, KVCache) and kv_cache.ringed)
             or self.training
             or torch.is_grad_enabled()
             or torch.compiler.is_compiling()
+            or _own_tensor(self.h[0].ln_1, "weight").dtype != torch.float32
             or any(block.attn.reference for block in self.h)
-            or _has_hooks(self.h)
+            or _has_hooks(self)
         ):
             return None
-        return kernels.decode_layers_op()
+        return kernels.decode_step_op()
 
-    def _blocks(self, x: torch.Tensor, kv_cache: KVCache | SlotKVCache | None) -> torch.Tensor:
-        """The stack of blocks on x (B, T, C): one native op for a decode step where it
-        applies (`native_decode_op`), else each `Block` in turn."""
-        op = self.native_decode_op(x, kv_cache)
-        if op is None:
-            for layer, block in enumerate(self.h):
-                x = block(x, kv_cache, layer)
-            return x
-        # Layer l's keys and values go to kv_cache.k[l] (and .v) at row b's position
-        # pos[b] and are read up to it: what `Block.forward` does through the cache.
-        cfg = self.config
-        B, _, C = x.shape
+    def _native_step(
+        self, op: Callable[..., torch.Tensor], idx: torch.Tensor, kv_cache: KVCache | SlotKVCache
+    ) -> torch.Tensor:
+        """`forward` of idx (B, 1) through the cache in one native call: logits (B, V).
+
+        Row b's token sits at position pos[b]; its keys and values go to layer l's
+        kv_cache.k[l] (and .v) there and it attends to its row's keys up to it: what the
+        eager modules do through the cache, which then advances by one.
+        """
+        cfg, B = self.config, idx.shape[0]
         if isinstance(kv_cache, SlotKVCache):
             pos = kv_cache.lengths[:B]
+            if int(pos.max()) + 1 > kv_cache.max_len:
+                raise ValueError(f"a row of {int(pos.max()) + 1} tokens exceeds the slot cache")
         else:
+            if kv_cache.pos + 1 > kv_cache.max_len:
+                raise ValueError(f"KV cache of {kv_cache.max_len} positions is full")
             pos = torch.full((B,), kv_cache.pos)
-        bands = [cfg.attn_band_of(layer) or 0 for layer in range(cfg.n_layer)]
-        weights = [t for block in self.h for t in block.native_tensors()]
-        y = op(
-            x.view(B, C), kv_cache.k, kv_cache.v, pos, bands, cfg.n_head, cfg.norm == "post",
-            NATIVE_ACTIVATIONS[cfg.activation], cfg.leaky_slope, cfg.layer_norm_eps, weights,
+        wte, head = self._modules["wte"], self._modules["lm_head"]
+        if cfg.positional == "learned":
+            table = _own_tensor(self._modules["wpe"], "weight")
+        else:
+            table = self._buffers["pe"]
+        ln_f = self._modules.get("ln_f")
+        logits = op(
+            idx.view(B), _own_tensor(wte, "weight"), _own_tensor(wte, "scale"),
+            math.sqrt(cfg.d_model) if cfg.embed_scale else 1.0, table,
+            kv_cache.k, kv_cache.v, pos, [cfg.attn_band_of(i) or 0 for i in range(cfg.n_layer)],
+            cfg.n_head, cfg.norm == "post", NATIVE_ACTIVATIONS[cfg.activation], cfg.leaky_slope,
+            cfg.layer_norm_eps, [t for block in self.h for t in block.native_tensors()],
+            _own_tensor(ln_f, "weight"), _own_tensor(ln_f, "bias"),
+            _own_tensor(head, "weight"), _own_tensor(head, "scale"),
         )  # fmt: skip
-        return y.view(B, 1, C)
+        if isinstance(kv_cache, SlotKVCache):
+            kv_cache.advance(B, 1)
+        else:
+            kv_cache.advance(1)
+        return logits
+
+    def next_logits(
+        self, idx: torch.Tensor, kv_cache: KVCache | SlotKVCache | None = None
+    ) -> torch.Tensor:
+        """Logits (B, V) for the token after idx (B, T): what decoding samples from.
+
+        Only the last position is unembedded: for a long prompt the (B, T, V) logits
+        would cost T times the head's compute and memory for nothing. A CPU decode step
+        runs as one native op where it applies (`native_step_op`).
+        """
+        op = self.native_step_op(idx, kv_cache)
+        if op is not None:
+            return self._native_step(op, idx, kv_cache)
+        return self.lm_head(self.hidden_states(idx, kv_cache)[:, -1])
 
     def hidden_states(
         self, idx: torch.Tensor, kv_cache: KVCache | SlotKVCache | None = None
@@ -612,7 +643,8 @@ class GPT(nn.Module):
             x = x + self.pe[start : start + T].to(x.dtype)
         x = self.drop(x)
         # 2. the stack of blocks
-        x = self._blocks(x, kv_cache)
+        for layer, block in enumerate(self.h):
+            x = block(x, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.advance(T)
         # 3. final norm (pre-LN only); `forward` applies the unembedding
@@ -635,7 +667,8 @@ class GPT(nn.Module):
         else:
             x = x + self.pe[pos].to(x.dtype)  # (B, T, C)
         x = self.drop(x)
-        x = self._blocks(x, kv_cache)
+        for layer, block in enumerate(self.h):
+            x = block(x, kv_cache, layer)
         kv_cache.advance(B, T)
         if self.ln_f is not None:
             x = self.ln_f(x)

@@ -14,12 +14,15 @@
 //   bias   (N,)   float32 or None
 //   ->     (M, N) float32
 //
-// decode_layers(...): every transformer block for one new token per row, in one call. Eager
+// decode_step(...): a whole decode step for one new token per row, in one call: token and
+// position embedding, every transformer block, the final norm and the unembedding. Eager
 // PyTorch spent 5-8 ms per gpt2 token on the ~15 small ops around each block's four
 // products (dispatch, allocation, thread wake-ups per op): a fifth of an fp32 token and
-// two fifths of an int8 one. Here the layer norms, the KV-cache writes, attention over the
-// cached keys, the activation and the residual adds are plain loops between the products.
-// model.py's `GPT._blocks` passes the arguments; the eager blocks are its reference.
+// two fifths of an int8 one; and each small op left costs ~50 us once a token's weights
+// have streamed through the caches. Here the layer norms, the KV-cache writes, attention
+// over the cached keys, the activation and the residual adds are plain loops between the
+// products. model.py's `GPT._native_step` passes the arguments; the eager modules are its
+// reference.
 //
 // Built by gptkit/kernels.py for the CPU's vector ISA (AVX-512 or AVX2+FMA) under the op
 // namespace GPTKIT_NS; products and attention heads are split across ATen's OpenMP threads.
@@ -273,7 +276,15 @@ float exp_shifted(float* w, int64_t n, float top) {
   return total;
 }
 
-// The tensors of one block, from 16 consecutive entries of decode_layers' `weights`:
+const float* data_or_null(const std::optional<at::Tensor>& t, int64_t n, const char* name) {
+  if (!t) return nullptr;
+  TORCH_CHECK(t->numel() == n && t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                  t->device().is_cpu(),
+              "decode_step: ", name, " must be contiguous float32 of ", n, " values");
+  return t->data_ptr<float>();
+}
+
+// The tensors of one block, from 16 consecutive entries of decode_step's `weights`:
 // ln_1 (weight, bias), ln_2 (weight, bias), then (weight, scale, bias) of qkv, the
 // attention output projection (weight None: no projection), fc and proj.
 struct Block {
@@ -299,20 +310,20 @@ struct Block {
   static const float* vector_of(const c10::List<std::optional<at::Tensor>>& w, int64_t i,
                                 int64_t n, const char* name, bool required) {
     const std::optional<at::Tensor> t = w.get(i);
-    TORCH_CHECK(t || !required, "decode_layers: ", name, " is missing");
+    TORCH_CHECK(t || !required, "decode_step: ", name, " is missing");
     if (!t) return nullptr;
     TORCH_CHECK(t->numel() == n && t->scalar_type() == at::kFloat && t->is_contiguous() &&
                     t->device().is_cpu(),
-                "decode_layers: ", name, " must be contiguous float32 of ", n, " values");
+                "decode_step: ", name, " must be contiguous float32 of ", n, " values");
     return t->data_ptr<float>();
   }
 
   static Linear linear_of(const c10::List<std::optional<at::Tensor>>& w, int64_t i, int64_t K,
                           int64_t N, const char* name) {
     const std::optional<at::Tensor> weight = w.get(i);
-    TORCH_CHECK(weight.has_value(), "decode_layers: the ", name, " weight is missing");
+    TORCH_CHECK(weight.has_value(), "decode_step: the ", name, " weight is missing");
     Linear linear(*weight, w.get(i + 1), w.get(i + 2), K, name);
-    TORCH_CHECK(N < 0 || linear.out_features() == N, "decode_layers: ", name, " must have ", N,
+    TORCH_CHECK(N < 0 || linear.out_features() == N, "decode_step: ", name, " must have ", N,
                 " rows, got ", linear.out_features());
     return linear;
   }
@@ -399,52 +410,121 @@ void block_step(const Block& blk, float* r, float* kc, float* vc, const int64_t*
   if (post_norm) layer_norm(r, blk.g2, blk.b2, eps, M, C, r);
 }
 
-// The stack of blocks for one new token per row: x (M, C) -> (M, C).
+// Row `id` of an embedding table (rows, C) of fp32, bf16 or int8 weights, times the row's
+// scale (int8) and `factor`, into out (C).
+void embedding_row(const at::Tensor& table, const float* scale, int64_t id, float factor,
+                   float* out) {
+  const int64_t C = table.size(1);
+  const float s = (scale ? scale[id] : 1.0f);
+  switch (table.scalar_type()) {
+    case at::kFloat: {
+      const float* row = table.data_ptr<float>() + id * C;
+      for (int64_t c = 0; c < C; ++c) out[c] = row[c] * s;
+      break;
+    }
+    case at::kBFloat16: {
+      const auto* row = reinterpret_cast<const uint16_t*>(table.data_ptr()) + id * C;
+      for (int64_t c = 0; c < C; ++c) out[c] = to_float(row[c]) * s;
+      break;
+    }
+    case at::kChar: {
+      const int8_t* row = table.data_ptr<int8_t>() + id * C;
+      for (int64_t c = 0; c < C; ++c) out[c] = to_float(row[c]) * s;
+      break;
+    }
+    default:
+      TORCH_CHECK(false, "decode_step: the embedding must be float32, bfloat16 or int8");
+  }
+  if (factor != 1.0f)
+    for (int64_t c = 0; c < C; ++c) out[c] *= factor;
+}
+
+// One decode step, token ids to next-token logits, for one new token per row: model.py's
+// GPT.forward for idx (M, 1) with a KV cache, in one call.
+//   idx               (M,) int64 token ids
+//   wte, wte_scale    the token embedding (V, C), fp32 / bf16 / int8, and int8's row scales
+//   embed_scale       factor on the token embedding (sqrt(C) or 1)
+//   positions         (P, C) float32: learned position vectors or the sinusoidal table
 //   k_cache, v_cache  (L, rows >= M, H, S, D) float32; layer l uses [l]
 //   pos               (M,) int64: the position of row m's new token (its cache slot)
 //   bands             one per layer: > 0 limits a query to its last `band` keys
 //   weights           Block::kTensors per layer
-at::Tensor decode_layers(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_cache,
-                         const at::Tensor& pos, at::IntArrayRef bands, int64_t n_head,
-                         bool post_norm, int64_t activation, double slope, double eps,
-                         const c10::List<std::optional<at::Tensor>>& weights) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kFloat,
-              "decode_layers: x must be a CPU float32 (M, C) tensor");
-  const int64_t M = x.size(0), C = x.size(1), H = n_head, L = int64_t(bands.size());
-  TORCH_CHECK(H > 0 && C % H == 0, "decode_layers: ", H, " heads do not divide ", C);
-  TORCH_CHECK(int64_t(weights.size()) == L * Block::kTensors, "decode_layers: ", L,
+//   lnf_w, lnf_b      the final layer norm (None: no final norm)
+//   head, head_scale  the unembedding (V, C) and int8's row scales
+// Returns the logits (M, V).
+at::Tensor decode_step(const at::Tensor& idx, const at::Tensor& wte,
+                       const std::optional<at::Tensor>& wte_scale, double embed_scale,
+                       const at::Tensor& positions, at::Tensor& k_cache, at::Tensor& v_cache,
+                       const at::Tensor& pos, at::IntArrayRef bands, int64_t n_head,
+                       bool post_norm, int64_t activation, double slope, double eps,
+                       const c10::List<std::optional<at::Tensor>>& weights,
+                       const std::optional<at::Tensor>& lnf_w,
+                       const std::optional<at::Tensor>& lnf_b, const at::Tensor& head,
+                       const std::optional<at::Tensor>& head_scale) {
+  TORCH_CHECK(idx.device().is_cpu() && idx.dim() == 1 && idx.scalar_type() == at::kLong,
+              "decode_step: idx must hold one int64 token id per row");
+  TORCH_CHECK(wte.device().is_cpu() && wte.dim() == 2 && wte.is_contiguous(),
+              "decode_step: the embedding must be a contiguous CPU (V, C) matrix");
+  const int64_t M = idx.size(0), V = wte.size(0), C = wte.size(1), H = n_head;
+  const int64_t L = int64_t(bands.size());
+  TORCH_CHECK(H > 0 && C % H == 0, "decode_step: ", H, " heads do not divide ", C);
+  TORCH_CHECK(int64_t(weights.size()) == L * Block::kTensors, "decode_step: ", L,
               " layers need ", L * Block::kTensors, " weights, got ", weights.size());
   const int64_t D = C / H;
   for (const at::Tensor* cache : {&k_cache, &v_cache}) {
     TORCH_CHECK(cache->device().is_cpu() && cache->scalar_type() == at::kFloat &&
                     cache->is_contiguous() && cache->dim() == 5 && cache->size(0) == L &&
                     cache->size(1) >= M && cache->size(2) == H && cache->size(4) == D,
-                "decode_layers: the KV cache must be contiguous float32 (", L, ", >= ", M,
+                "decode_step: the KV cache must be contiguous float32 (", L, ", >= ", M,
                 ", ", H, ", S, ", D, "), got ", cache->sizes());
   }
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "decode_layers: keys and values differ");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "decode_step: keys and values differ");
   const int64_t S = k_cache.size(3), per_layer = k_cache[0].numel();
   TORCH_CHECK(pos.numel() == M && pos.scalar_type() == at::kLong && pos.device().is_cpu(),
-              "decode_layers: pos must hold one int64 position per row");
-  const at::Tensor positions = pos.contiguous();
-  const int64_t* p = positions.data_ptr<int64_t>();
-  for (int64_t m = 0; m < M; ++m)
-    TORCH_CHECK(0 <= p[m] && p[m] < S, "decode_layers: position ", p[m], " outside the cache");
-  TORCH_CHECK(activation >= kGeluTanh && activation <= kLeakyRelu, "decode_layers: activation");
+              "decode_step: pos must hold one int64 position per row");
+  TORCH_CHECK(positions.scalar_type() == at::kFloat && positions.is_contiguous() &&
+                  positions.dim() == 2 && positions.size(1) == C,
+              "decode_step: positions must be a contiguous float32 (P, ", C, ") table");
+  const at::Tensor ids = idx.contiguous(), at_pos = pos.contiguous();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const int64_t* p = at_pos.data_ptr<int64_t>();
+  for (int64_t m = 0; m < M; ++m) {
+    TORCH_CHECK(0 <= id[m] && id[m] < V, "decode_step: token id ", id[m], " outside [0, ", V,
+                ")");
+    TORCH_CHECK(0 <= p[m] && p[m] < S && p[m] < positions.size(0), "decode_step: position ",
+                p[m], " outside the cache or the position table");
+  }
+  TORCH_CHECK(activation >= kGeluTanh && activation <= kLeakyRelu, "decode_step: activation");
+  const float* wte_s = data_or_null(wte_scale, V, "the embedding's scale");
+  const float* g = data_or_null(lnf_w, C, "the final norm's weight");
+  const float* b = data_or_null(lnf_b, C, "the final norm's bias");
+  const Linear unembed(head, head_scale, std::nullopt, C, "decode_step head");
 
   std::vector<Block> blocks;
   blocks.reserve(L);
   for (int64_t l = 0; l < L; ++l) blocks.emplace_back(weights, l * Block::kTensors, C, bands[l]);
-  Scratch buf(M, C, blocks.empty() ? 0 : blocks[0].fc.out_features());
-  at::Tensor y = x.contiguous().clone();  // the residual stream, updated block by block
+  const int64_t F = blocks.empty() ? 0 : blocks[0].fc.out_features();
+  Scratch buf(M, C, F);
+
+  // 1. token embedding (scaled) plus position vector: the residual stream x (M, C)
+  std::vector<float> x(M * C);
+  const float* table = positions.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    embedding_row(wte, wte_s, id[m], float(embed_scale), &x[m * C]);
+    for (int64_t c = 0; c < C; ++c) x[m * C + c] += table[p[m] * C + c];
+  }
+  // 2. the blocks
   for (int64_t l = 0; l < L; ++l) {
-    TORCH_CHECK(blocks[l].fc.out_features() == blocks[0].fc.out_features(),
-                "decode_layers: layers of different widths");
-    block_step(blocks[l], y.data_ptr<float>(), k_cache.data_ptr<float>() + l * per_layer,
+    TORCH_CHECK(blocks[l].fc.out_features() == F, "decode_step: layers of different widths");
+    block_step(blocks[l], x.data(), k_cache.data_ptr<float>() + l * per_layer,
                v_cache.data_ptr<float>() + l * per_layer, p, M, H, S, post_norm, activation,
                float(slope), eps, buf);
   }
-  return y;
+  // 3. final norm (pre-LN models), then the unembedding
+  if (g) layer_norm(x.data(), g, b, eps, M, C, x.data());
+  at::Tensor logits = at::empty({M, unembed.out_features()}, idx.options().dtype(at::kFloat));
+  unembed(x.data(), M, logits.data_ptr<float>());
+  return logits;
 }
 
 }  // namespace
@@ -452,12 +532,14 @@ at::Tensor decode_layers(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v
 TORCH_LIBRARY(GPTKIT_NS, m) {
   m.def("gemv(Tensor x, Tensor w, Tensor? scale, Tensor? bias) -> Tensor");
   m.def(
-      "decode_layers(Tensor x, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor pos, "
-      "int[] bands, int n_head, bool post_norm, int activation, float slope, float eps, "
-      "Tensor?[] weights) -> Tensor");
+      "decode_step(Tensor idx, Tensor wte, Tensor? wte_scale, float embed_scale, "
+      "Tensor positions, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor pos, int[] bands, "
+      "int n_head, bool post_norm, int activation, float slope, float eps, "
+      "Tensor?[] weights, Tensor? lnf_w, Tensor? lnf_b, Tensor head, Tensor? head_scale) "
+      "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(GPTKIT_NS, CPU, m) {
   m.impl("gemv", &gemv);
-  m.impl("decode_layers", &decode_layers);
+  m.impl("decode_step", &decode_step);
 }
