@@ -176,6 +176,22 @@ def test_hooks_training_autograd_and_reference_attention_stay_eager(native_calls
     assert len(native_calls) == 1
 
 
+def test_a_full_cache_and_int32_ids_behave_as_on_the_eager_path(native_calls):
+    """Guards the native step's own checks: the eager path's error for a full cache, and
+    int32 ids (which the op does not take) decoded eagerly instead of failing."""
+    model = _model("gpt2")
+    cfg = model.config
+    with torch.inference_mode():
+        cache = KVCache(cfg, 1, max_len=3)
+        model(torch.zeros(1, 3, dtype=torch.long), cache)
+        with pytest.raises(ValueError, match="KV cache of 3 positions is full"):
+            model(torch.zeros(1, 1, dtype=torch.long), cache)
+        cache = KVCache(cfg, 1)
+        model(torch.zeros(1, 2, dtype=torch.int32), cache)
+        out = model(torch.zeros(1, 1, dtype=torch.int32), cache)
+    assert out.shape == (1, 1, cfg.vocab_size) and native_calls == []
+
+
 @torch.no_grad()
 def test_bad_arguments_get_messages():
     op = kernels.decode_step_op()

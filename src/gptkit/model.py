@@ -532,12 +532,26 @@ class GPT(nn.Module):
             return self._native_step(op, idx, kv_cache)[:, None]  # (B, 1, V)
         return self.lm_head(self.hidden_states(idx, kv_cache))  # (B, T, V)
 
+    def _check_room(self, kv_cache: KVCache | SlotKVCache | None, end: int) -> None:
+        """Raise ValueError unless a sequence (the longest row) of `end` tokens fits the
+        context and the cache."""
+        if isinstance(kv_cache, SlotKVCache):
+            if end > min(self.config.context_length, kv_cache.max_len):
+                raise ValueError(f"a row of {end} tokens exceeds the slot cache or the context")
+            return
+        if end > self.config.context_length:
+            raise ValueError(
+                f"sequence of {end} tokens exceeds the context length {self.config.context_length}"
+            )
+        if kv_cache is not None and end > kv_cache.max_len:
+            raise ValueError(f"KV cache of {kv_cache.max_len} positions is full")
+
     def native_step_op(
         self, idx: torch.Tensor, kv_cache: KVCache | SlotKVCache | None
     ) -> Callable[..., torch.Tensor] | None:
         """The native `decode_step` op if it may run this forward pass, else None.
 
-        It applies to a decode step on a CPU: one new token per row, at most
+        It applies to a decode step on a CPU: one new int64 token per row, at most
         `kernels.MAX_ROWS` rows, fp32 activations and a fp32 KV cache without ring buffers
         (then layer l's keys are `kv_cache.k[l]`), eval mode without autograd, outside
         torch.compile, no reference attention (`explain` reads its weights) and no forward
@@ -549,6 +563,7 @@ class GPT(nn.Module):
             or idx.shape[1] != 1
             or idx.shape[0] > kernels.MAX_ROWS
             or idx.device.type != "cpu"
+            or idx.dtype != torch.long
             or kv_cache.k.dtype != torch.float32
             or (isinstance(kv_cache, KVCache) and kv_cache.ringed)
             or self.training
@@ -573,11 +588,9 @@ class GPT(nn.Module):
         cfg, B = self.config, idx.shape[0]
         if isinstance(kv_cache, SlotKVCache):
             pos = kv_cache.lengths[:B]
-            if int(pos.max()) + 1 > kv_cache.max_len:
-                raise ValueError(f"a row of {int(pos.max()) + 1} tokens exceeds the slot cache")
+            self._check_room(kv_cache, int(pos.max()) + 1)
         else:
-            if kv_cache.pos + 1 > kv_cache.max_len:
-                raise ValueError(f"KV cache of {kv_cache.max_len} positions is full")
+            self._check_room(kv_cache, kv_cache.pos + 1)
             pos = torch.full((B,), kv_cache.pos)
         wte, head = self._modules["wte"], self._modules["lm_head"]
         if cfg.positional == "learned":
@@ -626,13 +639,7 @@ class GPT(nn.Module):
             return self._slot_hidden_states(idx, kv_cache)
         B, T = idx.shape
         start = 0 if kv_cache is None else kv_cache.pos
-        if start + T > self.config.context_length:
-            raise ValueError(
-                f"sequence of {start + T} tokens exceeds the context length "
-                f"{self.config.context_length}"
-            )
-        if kv_cache is not None and start + T > kv_cache.max_len:
-            raise ValueError(f"KV cache of {kv_cache.max_len} positions is full")
+        self._check_room(kv_cache, start + T)
         # 1. token embedding plus position vector
         x = self.wte(idx)  # (B, T, C)
         if self.config.embed_scale:
@@ -656,9 +663,7 @@ class GPT(nn.Module):
         """`hidden_states` for rows [0, B) of a `SlotKVCache`, each at its own position."""
         B, T = idx.shape
         pos = kv_cache.positions(B, T)  # (B, T)
-        end = int(pos[:, -1].max()) + 1
-        if end > min(self.config.context_length, kv_cache.max_len):
-            raise ValueError(f"a row of {end} tokens exceeds the slot cache or the context")
+        self._check_room(kv_cache, int(pos[:, -1].max()) + 1)
         x = self.wte(idx)  # (B, T, C)
         if self.config.embed_scale:
             x = x * math.sqrt(self.config.d_model)
