@@ -276,6 +276,7 @@ float exp_shifted(float* w, int64_t n, float top) {
   return total;
 }
 
+// The data of an optional float32 vector of n values, checked; null when absent.
 const float* data_or_null(const std::optional<at::Tensor>& t, int64_t n, const char* name) {
   if (!t) return nullptr;
   TORCH_CHECK(t->numel() == n && t->scalar_type() == at::kFloat && t->is_contiguous() &&
@@ -311,11 +312,7 @@ struct Block {
                                 int64_t n, const char* name, bool required) {
     const std::optional<at::Tensor> t = w.get(i);
     TORCH_CHECK(t || !required, "decode_step: ", name, " is missing");
-    if (!t) return nullptr;
-    TORCH_CHECK(t->numel() == n && t->scalar_type() == at::kFloat && t->is_contiguous() &&
-                    t->device().is_cpu(),
-                "decode_step: ", name, " must be contiguous float32 of ", n, " values");
-    return t->data_ptr<float>();
+    return data_or_null(t, n, name);
   }
 
   static Linear linear_of(const c10::List<std::optional<at::Tensor>>& w, int64_t i, int64_t K,
