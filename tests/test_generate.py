@@ -424,6 +424,65 @@ def test_sampling_follows_the_distribution() -> None:
     torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
 
 
+def _sorted_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The plain reference: a stable sort of the whole row, its first k kept."""
+    order = torch.sort(logits, dim=-1, descending=True, stable=True).indices
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order[..., :k], True)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def _sorted_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """The plain reference: rank the whole row, keep while the mass before is below p."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    ranked, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    before = torch.cumsum(ranked, dim=-1)
+    before = torch.cat([torch.zeros_like(before[..., :1]), before[..., :-1]], dim=-1)
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, before < p)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_filters_equal_the_full_sort_on_a_real_vocabulary(seed: int) -> None:
+    """Guards top_k_ids' tie repair and top_p_filter's candidate shortcut (both used only
+    where V is large) against sorting all 50,257 entries: peaked and flat rows, many ties
+    (rounded logits) and few, nuclei inside and beyond the 1024 candidates."""
+    g = torch.Generator().manual_seed(seed)
+    scale = [0.3, 2.0, 8.0, 30.0, 8.0, 30.0][seed]
+    logits = torch.randn(3, 50257, generator=g) * scale
+    if seed >= 4:
+        logits = (logits * 2).round() / 2  # thousands of ties at every value
+    shortcut = 0
+    for p in (0.05, 0.5, 0.9, 0.99):
+        got = top_p_filter(logits, p)
+        assert torch.equal(got, _sorted_top_p(logits, p)), p
+        shortcut += int(torch.isfinite(got).sum(-1).max() < gen.TOP_P_CANDIDATES)
+    for k in (1, 7, 200, 5000):
+        assert torch.equal(top_k_filter(logits, k), _sorted_top_k(logits, k)), k
+    if scale >= 8.0:
+        assert shortcut > 0  # the candidate path ran
+
+
+def test_top_k_sampling_on_ties_draws_only_the_lowest_ids() -> None:
+    """Guards sample_next's top-k path (it draws among the k survivors and maps back):
+    with 10 tokens tied for first place, top_k=3 draws ids 100, 200 and 300 equally."""
+    logits = torch.zeros(4000, 1000)
+    logits[:, [100, 200, 300, 400, 500, 600, 700, 800, 900, 999]] = 5.0
+    picks = sample_next(logits, 1.0, top_k=3, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(picks, minlength=1000)
+    assert set(picks.unique().tolist()) == {100, 200, 300}
+    assert counts[[100, 200, 300]].min() > 1200  # about 1333 each
+
+
+def test_draw_follows_probabilities_and_never_picks_a_zero() -> None:
+    """Guards the inverse-CDF draw: frequencies match, a zero-probability token (first,
+    inside, last) is never drawn, and an unnormalised row works as its normalised self."""
+    probs = torch.tensor([0.0, 3.0, 0.0, 1.0, 0.0, 4.0, 0.0]).expand(40000, 7)
+    picks = gen.draw(probs, torch.Generator().manual_seed(1))
+    freq = torch.bincount(picks, minlength=7).float() / 40000
+    torch.testing.assert_close(freq, probs[0] / 8.0, atol=0.01, rtol=0)
+    assert freq[[0, 2, 4, 6]].sum() == 0
+
+
 # ---------------------------------------------------------------------------------------
 # Validation
 

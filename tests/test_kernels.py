@@ -37,28 +37,80 @@ def test_the_kernel_builds_on_an_x86_machine_with_a_compiler():
     assert kernels.gemv_op() is not None
 
 
+def _fixed_point(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 kernel's view of x (M, K): q = round(x / s), s = max|x| / 32767 per row,
+    in the kernel's own fp32 operations."""
+    s = x.abs().amax(dim=1) / 32767.0
+    inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+    return torch.round(x * inv[:, None]), s
+
+
 @pytest.mark.parametrize("isa", ["AVX512", "AVX2"])
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_gemv_matches_float64_reference(isa, fmt, threads):
     """Guards the vector loop, its K tail, the partial last row block, the next-block
-    prefetch and the thread split: every shape against x @ W^T * scale + bias in fp64."""
+    prefetch and the thread split: every shape against x @ W^T * scale + bias in fp64.
+    int8 takes x in 16-bit fixed point: its integer sums must be exact (against the same
+    rounding of x done here), and within the rounding's bound s/2 * sum|w| of fp64."""
     if isa not in kernels.runnable_isas():
         pytest.skip(f"this CPU cannot run the {isa} build")
     op = kernels.gemv_op(isa)
     assert op is not None
     torch.set_num_threads(threads)  # the autouse fixture restores it
-    for m, n, k in [(1, 1, 1), (1, 5, 17), (3, 37, 100), (8, 1000, 768), (2, 64, 48)]:
+    shapes = [(1, 1, 1), (1, 5, 17), (3, 37, 100), (8, 1000, 768), (2, 64, 48), (1, 9, 4200)]
+    for m, n, k in shapes:  # k = 4200: the int8 loop's integer chunks (4096) and a tail
         w, scale, ref_w = _weight(fmt, n, k)
         x = torch.randn(m, k)
         for bias in (None, torch.randn(n)):
-            expected = x.double() @ ref_w.T
-            if bias is not None:
-                expected = expected + bias.double()
+            b = 0.0 if bias is None else bias.double()
+            expected = x.double() @ ref_w.T + b
             got = op(x, w, scale, bias)
             assert got.shape == (m, n) and got.dtype == torch.float32
-            tol = 1e-5 * (x.double().abs() @ ref_w.abs().T).max().item() + 1e-6
-            assert (got.double() - expected).abs().max().item() < tol, (m, n, k, bias is None)
+            size = (x.double().abs() @ ref_w.abs().T).max().item()
+            where = (m, n, k, bias is None)
+            if fmt == "int8":
+                q, s = _fixed_point(x)
+                exact = (q.double() @ w.double().T) * s.double()[:, None] * scale.double() + b
+                tol = 1e-6 * size + 1e-6  # fp32 rounding of the final scaling only
+                assert (got.double() - exact).abs().max().item() < tol, where
+                bound = s.double()[:, None] / 2 * (ref_w.abs().sum(1)[None, :]) + tol
+                assert ((got.double() - expected).abs() <= bound).all(), where
+            else:
+                tol = 1e-5 * size + 1e-6
+                assert (got.double() - expected).abs().max().item() < tol, where
+
+
+@pytest.mark.parametrize("isa", ["AVX512", "AVX2"])
+def test_gemv_int8_zero_and_non_finite_rows(isa):
+    """Guards the fixed-point rounding's edge cases: a row of zeros gives exactly the bias,
+    and an inf or NaN in a row makes that row's outputs NaN (not garbage), as fp32's would."""
+    if isa not in kernels.runnable_isas():
+        pytest.skip(f"this CPU cannot run the {isa} build")
+    op = kernels.gemv_op(isa)
+    w, scale, _ = _weight("int8", 6, 40)
+    bias = torch.randn(6)
+    x = torch.randn(4, 40)
+    x[0] = 0.0
+    x[1, 33] = float("inf")
+    x[2, 3] = float("nan")
+    got = op(x, w, scale, bias)
+    assert torch.equal(got[0], bias)
+    assert got[1].isnan().all() and got[2].isnan().all()
+    assert got[3].isfinite().all()
+
+
+@pytest.mark.parametrize("isa", ["AVX512", "AVX2"])
+def test_gemv_int8_long_rows_do_not_overflow(isa):
+    """Guards the integer chunks: 20,000 products of the largest values (32767 * 127) per
+    row overflow int32 lanes unless the sums are moved out every 4096 columns."""
+    if isa not in kernels.runnable_isas():
+        pytest.skip(f"this CPU cannot run the {isa} build")
+    k = 20_000
+    w = torch.full((4, k), 127, dtype=torch.int8)
+    w[1] = -127
+    got = kernels.gemv_op(isa)(torch.ones(1, k), w, torch.full((4,), 1 / 127), None)
+    assert torch.allclose(got, torch.tensor([[k, -k, k, k]], dtype=torch.float32), rtol=1e-6)
 
 
 def test_gemv_refuses_bad_arguments_with_a_message():

@@ -73,7 +73,12 @@ def _stepped_logits(
 def _assert_same_steps(model: GPT, idx: torch.Tensor, prompt: int, make_cache) -> None:
     native = _stepped_logits(model, idx, prompt, make_cache(), native=True)
     eager = _stepped_logits(copy.deepcopy(model), idx, prompt, make_cache(), native=False)
-    torch.testing.assert_close(native, eager, atol=1e-5, rtol=1e-5)
+    # int8 products round their input rows to 16-bit fixed point: the two paths' fp32
+    # roundings (of a layer norm, say) can put an entry on either side of a step, 2^-16 of
+    # the row's largest value.
+    int8 = any(b.dtype == torch.int8 for b in model.buffers())
+    tol = 1e-4 if int8 else 1e-5
+    torch.testing.assert_close(native, eager, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -81,7 +86,7 @@ def _assert_same_steps(model: GPT, idx: torch.Tensor, prompt: int, make_cache) -
 @pytest.mark.parametrize("batch", [1, 3])
 def test_native_steps_equal_the_eager_blocks(name, weights, batch, native_calls):
     """Guards every line of the fused block: norms, cache writes, attention (and its band),
-    activation, residuals, biases, scales. A wrong one moves the logits far past 1e-5."""
+    activation, residuals, biases, scales. A wrong one moves the logits far past the tolerance."""
     model = _model(name, weights)
     cfg = model.config
     idx = torch.randint(0, cfg.vocab_size, (batch, cfg.context_length))

@@ -41,7 +41,8 @@ def test_rows_quantize_within_half_a_step():
 @pytest.mark.parametrize("native", [True, False])
 def test_weight_only_linear_matches_the_dequantized_matmul(fmt, bias, native, monkeypatch):
     """Guards WeightOnlyLinear on both paths against x @ dequantized W^T: the native kernel
-    (few rows: fp32 activations, so tight) and ATen (many rows, or no kernel: bf16-rounded
+    (few rows: fp32 activations for bf16, so tight; int8 rounds them to 16-bit fixed point,
+    within 2^-16 of each row's largest) and ATen (many rows, or no kernel: bf16-rounded
     activations, so looser)."""
     if native and kernels.gemv_op() is None:
         pytest.skip("native kernels unavailable here")
@@ -55,7 +56,7 @@ def test_weight_only_linear_matches_the_dequantized_matmul(fmt, bias, native, mo
         got = qlinear(x)
         assert got.shape == (*shape[:-1], 40) and got.dtype == torch.float32
         exact = native and x[..., 0].numel() <= kernels.MAX_ROWS
-        tol = 1e-5 if exact else 2e-2
+        tol = (1e-5 if fmt == "bf16" else 1e-4) if exact else 2e-2
         torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
         assert torch.corrcoef(torch.stack([got.flatten(), expected.flatten()]))[0, 1] > 0.9999
 

@@ -9,9 +9,11 @@ them (int8) raises the ceiling in proportion.
 
 Both are weight-only: the matrices are stored small, activations, layer norms, positions and
 the KV cache stay fp32. `WeightOnlyLinear` is the drop-in `nn.Linear` for either. For the
-few rows of a decode step on a CPU it calls gptkit's native kernel (`gptkit.kernels`: each
-weight widened to fp32 in registers, fp32 accumulation), which streams bf16 and int8
-weights close to the memory bandwidth where ATen's kernels did not. For more rows (a
+few rows of a decode step on a CPU it calls gptkit's native kernel (`gptkit.kernels`: bf16
+weights widened to fp32 in registers with fp32 accumulation; int8 weights widened to int16
+and multiplied with the input row in 16-bit fixed point, within 2^-16 of its largest
+entry, summed exactly in integers), which streams bf16 and int8 weights close to the
+memory bandwidth where ATen's kernels did not. For more rows (a
 prompt, a large batch), on a GPU, or where the kernel cannot be built it uses ATen: a bf16
 matmul of bf16-rounded activations, or `_weight_int8pack_mm`.
 

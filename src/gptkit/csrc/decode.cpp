@@ -3,9 +3,10 @@
 // Decoding a token at batch 1 reads every weight once and does two FLOPs per weight, so its
 // speed is the rate at which the weights stream in from memory. ATen's fp32 path (MKL) runs
 // at that rate; its bf16 and int8 paths do not on CPUs without native bf16 instructions:
-// they convert too slowly and leave bandwidth unused. Here each weight is loaded, widened to
-// fp32 in registers (bf16: a 16-bit shift; int8: sign-extend and convert) and accumulated
-// in fp32, R rows at a time, while the next R rows are prefetched.
+// they convert too slowly and leave bandwidth unused. Here each weight is loaded and widened
+// in registers, R rows at a time, while the next R rows are prefetched: bf16 to fp32 (a
+// 16-bit shift) with fp32 accumulation; int8 to int16, multiplied with x rounded to 16-bit
+// fixed point (2^-16 of the row's largest value) and summed exactly in integers.
 //
 // gemv(x, w, scale, bias): y = x W^T (* scale) (+ bias) for a few rows x.
 //   x      (M, K) float32, M small (a decode step's batch)
@@ -37,6 +38,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 #include <immintrin.h>
 
@@ -55,12 +57,30 @@ inline Vec vload(const uint16_t* p) {  // 16 bf16 -> fp32: the bits, shifted up 
   __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
-inline Vec vload(const int8_t* p) {
-  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
-}
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline float vsum(Vec v) { return _mm512_reduce_add_ps(v); }
+inline Vec vset(float f) { return _mm512_set1_ps(f); }
+inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline Vec vabs(Vec v) { return _mm512_abs_ps(v); }
+inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+inline float vmaxall(Vec v) { return _mm512_reduce_max_ps(v); }
+// kWidth floats rounded to the nearest int16 (saturating), into q.
+inline void vstore_int16(Vec v, int16_t* q) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(v)));
+}
+// The int8 path's integer vectors: kPairs int16 products summed in pairs into int32 lanes.
+using IVec = __m512i;
+constexpr int64_t kPairs = 32;
+inline IVec izero() { return _mm512_setzero_si512(); }
+inline IVec iload(const int16_t* p) { return _mm512_loadu_si512(p); }
+inline IVec iload(const int8_t* p) {  // 32 int8 -> 32 int16
+  return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline IVec imadd(IVec x, IVec w, IVec acc) { return _mm512_add_epi32(acc, _mm512_madd_epi16(x, w)); }
+inline int64_t isum(IVec v) {  // exact: the lanes widened to int64 first
+  return _mm512_reduce_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v))) +
+         _mm512_reduce_add_epi64(_mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1)));
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 using Vec = __m256;
 constexpr int64_t kWidth = 8;
@@ -70,15 +90,40 @@ inline Vec vload(const uint16_t* p) {
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
-inline Vec vload(const int8_t* p) {
-  __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-}
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline float vsum(Vec v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_hadd_ps(s, s);
   return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+inline Vec vset(float f) { return _mm256_set1_ps(f); }
+inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline Vec vabs(Vec v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+inline float vmaxall(Vec v) {
+  float lanes[kWidth];
+  _mm256_storeu_ps(lanes, v);
+  return *std::max_element(lanes, lanes + kWidth);
+}
+inline void vstore_int16(Vec v, int16_t* q) {
+  const __m256i i = _mm256_cvtps_epi32(v);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q),
+                   _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1)));
+}
+using IVec = __m256i;
+constexpr int64_t kPairs = 16;
+inline IVec izero() { return _mm256_setzero_si256(); }
+inline IVec iload(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline IVec iload(const int8_t* p) {  // 16 int8 -> 16 int16
+  return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline IVec imadd(IVec x, IVec w, IVec acc) { return _mm256_add_epi32(acc, _mm256_madd_epi16(x, w)); }
+inline int64_t isum(IVec v) {
+  int32_t lanes[8];
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), v);
+  int64_t s = 0;
+  for (int32_t lane : lanes) s += lane;
+  return s;
 }
 #else
 #error "decode.cpp needs AVX-512 (F, BW) or AVX2 with FMA"
@@ -119,9 +164,80 @@ void dot_rows(const float* x, const W* w, int64_t K, bool prefetch_next, float* 
   }
 }
 
+// int8 weights take x in 16-bit fixed point. The fp32 loop's convert and FMA cost two uops
+// of the one 512-bit FMA port per 16 weights, which left int8 compute-bound at ~15 GB/s on
+// the dev machine's Xeon; a multiply-add of int16 pairs costs one per 32 weights. Each row
+// of x becomes q = round(x / s) with s = max|x| / 32767, every entry within s / 2 of x
+// (2^-16 of the row's largest: far below int8's rounding of the weights), and dot(q, w) is
+// summed exactly in integers; the caller multiplies by s.
+constexpr float kInt16Max = 32767.0f;
+// Per int32 lane at most kChunk / kPairs pair sums of 2 * 32767 * 128: under 2^31.
+constexpr int64_t kChunk = 4096;
+
+// q = round(x / s) for one row of K values; returns s, or NaN when x holds an inf or a NaN
+// (the products then come out NaN, as the fp32 loop's would).
+float quantize_row(const float* x, int64_t K, int16_t* q) {
+  Vec top = vzero(), poison = vzero();  // poison: sum of x * 0, NaN iff some x is not finite
+  int64_t k = 0;
+  for (; k + kWidth <= K; k += kWidth) {
+    const Vec v = vload(x + k);
+    top = vmax(top, vabs(v));
+    poison = vfma(v, vzero(), poison);
+  }
+  float m = vmaxall(top), bad = vsum(poison);
+  for (int64_t j = k; j < K; ++j) {
+    m = std::max(m, std::fabs(x[j]));
+    bad += x[j] * 0.0f;
+  }
+  if (std::isnan(bad)) return NAN;
+  const float s = m / kInt16Max, inv = m > 0.0f ? 1.0f / s : 0.0f;
+  const Vec vinv = vset(inv);
+  for (k = 0; k + kWidth <= K; k += kWidth) vstore_int16(vmul(vload(x + k), vinv), q + k);
+  for (int64_t j = k; j < K; ++j) q[j] = int16_t(std::nearbyint(x[j] * inv));
+  return s;
+}
+
+// out[r] = dot(q, w[r]) for R int8 rows, as dot_rows: exact integer sums, as floats.
+template <int64_t R>
+void dot_rows(const int16_t* q, const int8_t* w, int64_t K, bool prefetch_next, float* out) {
+  int64_t total[R] = {};
+  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+    const int64_t k1 = std::min(K, k0 + kChunk);
+    IVec acc[R];
+    for (int64_t r = 0; r < R; ++r) acc[r] = izero();
+    int64_t k = k0;
+    for (; k + kPairs <= k1; k += kPairs) {
+      if (prefetch_next && k % 64 == 0) {
+        for (int64_t r = 0; r < R; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * K + k), _MM_HINT_T0);
+      }
+      const IVec qv = iload(q + k);
+      for (int64_t r = 0; r < R; ++r) acc[r] = imadd(qv, iload(w + r * K + k), acc[r]);
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      total[r] += isum(acc[r]);
+      for (int64_t j = k; j < k1; ++j) total[r] += int32_t(q[j]) * w[r * K + j];  // K's tail
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) out[r] = float(total[r]);
+}
+
 template <typename W>
 void gemv_impl(const float* x, const W* w, const float* scale, const float* bias, float* y,
                int64_t M, int64_t N, int64_t K) {
+  constexpr bool kInt8 = std::is_same_v<W, int8_t>;
+  std::vector<int16_t> xq(kInt8 ? M * K : 0);  // int8: x in fixed point, and its factors
+  std::vector<float> xs(M, 1.0f);
+  if constexpr (kInt8) {
+    for (int64_t m = 0; m < M; ++m) xs[m] = quantize_row(x + m * K, K, &xq[m * K]);
+  }
+  auto row = [&](int64_t m) {  // row m of x as the dot products take it
+    if constexpr (kInt8) {
+      return xq.data() + m * K;
+    } else {
+      return x + m * K;
+    }
+  };
   const int64_t blocks = (N + kRows - 1) / kRows;
   at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
     float out[kRows];
@@ -131,13 +247,13 @@ void gemv_impl(const float* x, const W* w, const float* scale, const float* bias
         if (rows == kRows) {
           // Later rows of x find this block in L1; only the first pass prefetches.
           const bool prefetch = m == 0 && b + 1 < end && n0 + 2 * kRows <= N;
-          dot_rows<kRows>(x + m * K, w + n0 * K, K, prefetch, out);
+          dot_rows<kRows>(row(m), w + n0 * K, K, prefetch, out);
         } else {
           for (int64_t r = 0; r < rows; ++r)
-            dot_rows<1>(x + m * K, w + (n0 + r) * K, K, false, out + r);
+            dot_rows<1>(row(m), w + (n0 + r) * K, K, false, out + r);
         }
         for (int64_t r = 0; r < rows; ++r) {
-          float v = out[r];
+          float v = out[r] * xs[m];
           if (scale) v *= scale[n0 + r];
           if (bias) v += bias[n0 + r];
           y[m * N + n0 + r] = v;
