@@ -327,6 +327,9 @@ def test_temperature_zero_is_argmax_with_ties_to_the_lowest_id() -> None:
     logits = torch.tensor([[0.0, 3.0, 1.0, 3.0], [5.0, 5.0, 5.0, 5.0], [-1.0, -2.0, -3.0, 0.0]])
     assert sample_next(logits, temperature=0).tolist() == [1, 0, 3]
     assert torch.equal(sample_next(logits, 0), torch.argmax(logits, dim=-1))
+    for dtype in (torch.float64, torch.bfloat16):  # numpy's path, then torch's
+        picked = sample_next(logits.to(dtype), 0)
+        assert picked.dtype == torch.long and picked.tolist() == [1, 0, 3]
 
 
 def test_top_k_1_sampling_equals_argmax() -> None:

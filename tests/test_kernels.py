@@ -45,7 +45,7 @@ def _fixed_point(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x * inv[:, None]), s
 
 
-@pytest.mark.parametrize("isa", ["AVX512", "AVX2"])
+@pytest.mark.parametrize("isa", list(kernels.ISA_FLAGS))
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_gemv_matches_float64_reference(isa, fmt, threads):
@@ -81,7 +81,7 @@ def test_gemv_matches_float64_reference(isa, fmt, threads):
                 assert (got.double() - expected).abs().max().item() < tol, where
 
 
-@pytest.mark.parametrize("isa", ["AVX512", "AVX2"])
+@pytest.mark.parametrize("isa", list(kernels.ISA_FLAGS))
 def test_gemv_int8_zero_and_non_finite_rows(isa):
     """Guards the fixed-point rounding's edge cases: a row of zeros gives exactly the bias,
     and an inf or NaN in a row makes that row's outputs NaN (not garbage), as fp32's would."""
@@ -100,7 +100,7 @@ def test_gemv_int8_zero_and_non_finite_rows(isa):
     assert got[3].isfinite().all()
 
 
-@pytest.mark.parametrize("isa", ["AVX512", "AVX2"])
+@pytest.mark.parametrize("isa", list(kernels.ISA_FLAGS))
 def test_gemv_int8_long_rows_do_not_overflow(isa):
     """Guards the integer chunks: 20,000 products of the largest values (32767 * 127) per
     row overflow int32 lanes unless the sums are moved out every 4096 columns."""
@@ -140,7 +140,7 @@ def test_a_stale_build_lock_is_cleared(tmp_path):
     """Guards the first build against a lock left by a killed build (cpp_extension would
     wait on it forever): an old lock is removed and the kernel builds into a fresh cache.
     In a child process: one process cannot load two builds of the same op namespace."""
-    isa = torch.backends.cpu.get_cpu_capability()
+    isa = kernels.native_isa()
     if isa not in kernels.ISA_FLAGS:
         pytest.skip("no native kernel for this CPU")
     env = {**os.environ, "GPTKIT_KERNEL_CACHE": str(tmp_path)}

@@ -95,7 +95,7 @@ def test_native_steps_equal_the_eager_blocks(name, weights, batch, native_calls)
     assert len(native_calls) == cfg.context_length - 5
 
 
-@pytest.mark.parametrize("isa", ["AVX512", "AVX2"])
+@pytest.mark.parametrize("isa", list(kernels.ISA_FLAGS))
 @pytest.mark.parametrize("threads", [1, 2])
 def test_each_isa_build_and_thread_split(isa, threads, monkeypatch):
     """Guards the AVX2 build (ATen's Vectorized exp and tanh differ per ISA) and the split
@@ -162,6 +162,12 @@ def test_hooks_training_autograd_and_reference_attention_stay_eager(native_calls
         step()
     handle.remove()
     assert seen == [1, 1] and native_calls == []
+    # A hook registered for every module (torch.nn.modules.module's global hooks) as well.
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda *a: seen.append(2))
+    with torch.inference_mode():
+        step()
+    handle.remove()
+    assert seen.count(2) > 0 and native_calls == []
     with torch.no_grad():  # the same step without a hook does go native
         step()
     assert len(native_calls) == 1

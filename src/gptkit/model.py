@@ -452,13 +452,20 @@ def _own_tensor(module: nn.Module | None, name: str) -> torch.Tensor | None:
 
 
 def _has_hooks(root: nn.Module) -> bool:
-    """True if `root` or a module below it has a forward hook or forward pre-hook."""
+    """True if a forward hook or forward pre-hook would run for `root` or a module below it
+    (its own, or one registered for every module)."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
     stack = [root]
-    while stack:
+    while stack:  # plain loops: this runs once per decode step
         module = stack.pop()
+        if module is None:
+            continue
         if module._forward_hooks or module._forward_pre_hooks:
             return True
-        stack.extend(m for m in module._modules.values() if m is not None)
+        stack += module._modules.values()
     return False
 
 
@@ -570,7 +577,7 @@ class GPT(nn.Module):
             or torch.is_grad_enabled()
             or torch.compiler.is_compiling()
             or _own_tensor(self.h[0].ln_1, "weight").dtype != torch.float32
-            or any(block.attn.reference for block in self.h)
+            or any(block._modules["attn"].reference for block in self.h._modules.values())
             or _has_hooks(self)
         ):
             return None

@@ -76,7 +76,13 @@ inline IVec iload(const int16_t* p) { return _mm512_loadu_si512(p); }
 inline IVec iload(const int8_t* p) {  // 32 int8 -> 32 int16
   return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
-inline IVec imadd(IVec x, IVec w, IVec acc) { return _mm512_add_epi32(acc, _mm512_madd_epi16(x, w)); }
+inline IVec imadd(IVec x, IVec w, IVec acc) {  // acc + the sums of adjacent products
+#ifdef __AVX512VNNI__
+  return _mm512_dpwssd_epi32(acc, x, w);  // one instruction for madd + add
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(x, w));
+#endif
+}
 inline int64_t isum(IVec v) {  // exact: the lanes widened to int64 first
   return _mm512_reduce_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v))) +
          _mm512_reduce_add_epi64(_mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1)));
@@ -113,11 +119,15 @@ inline void vstore_int16(Vec v, int16_t* q) {
 using IVec = __m256i;
 constexpr int64_t kPairs = 16;
 inline IVec izero() { return _mm256_setzero_si256(); }
-inline IVec iload(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline IVec iload(const int16_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
 inline IVec iload(const int8_t* p) {  // 16 int8 -> 16 int16
   return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
-inline IVec imadd(IVec x, IVec w, IVec acc) { return _mm256_add_epi32(acc, _mm256_madd_epi16(x, w)); }
+inline IVec imadd(IVec x, IVec w, IVec acc) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(x, w));
+}
 inline int64_t isum(IVec v) {
   int32_t lanes[8];
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), v);
