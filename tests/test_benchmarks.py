@@ -38,3 +38,21 @@ def test_gpu_peaks_are_known_for_h100_and_h200():
     gpu_train = load_script("gpu_train")
     assert gpu_train.GPUS["h100"].bf16_tflops == pytest.approx(989.4)
     assert gpu_train.GPUS["h200"].bf16_tflops == pytest.approx(989.4)
+
+
+def test_sampling_benchmark_compares_like_with_like(capsys):
+    """Guards benchmarks/sampling.py: it runs, and its plain recipe draws from the same
+    tokens as gptkit's filters (so the speed-up compares the same work)."""
+    import torch
+
+    from gptkit.generate import top_k_filter, top_p_filter
+
+    sampling = load_script("sampling")
+    sampling.main(["--repeats", "1", "--calls", "2"])
+    assert capsys.readouterr().out.count("x |") == len(sampling.SETTINGS)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, sampling.V, generator=g) * 8
+    support = torch.isfinite(top_p_filter(top_k_filter(logits, 40), 0.95))[0]
+    for _ in range(50):
+        token = sampling.plain_sample(logits, 1.0, 40, 0.95, g)
+        assert support[token].all()
