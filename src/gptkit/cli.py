@@ -434,10 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # OpenMP threads that spin while waiting make every step 10-15x slower as soon as another
-    # process holds a core (measured on a 2-core machine). Must be set before torch loads;
-    # the user's own setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OpenMP threads that spin while waiting (libgomp spins 300,000 times by default) make
+    # every step 4-15x slower as soon as another process holds a core; threads that never
+    # spin (OMP_WAIT_POLICY=PASSIVE) cost 5-8% when the machine is quiet. A short spin is
+    # within 3-8% of the best of both (measured on a 2-core machine: benchmarks/RESULTS.md).
+    # Read when torch loads; the user's own settings win.
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", "1000")
     args = vars(build_parser().parse_args(argv))
     fn = args.pop("_fn")
     args.pop("command")
