@@ -484,6 +484,9 @@ def test_draw_follows_probabilities_and_never_picks_a_zero() -> None:
     freq = torch.bincount(picks, minlength=7).float() / 40000
     torch.testing.assert_close(freq, probs[0] / 8.0, atol=0.01, rtol=0)
     assert freq[[0, 2, 4, 6]].sum() == 0
+    for bad in (torch.tensor([[0.5, float("nan")]]), torch.zeros(1, 3)):
+        with pytest.raises(ValueError, match="cannot sample"):
+            gen.draw(bad)
 
 
 # ---------------------------------------------------------------------------------------
