@@ -174,9 +174,9 @@ void dot_rows(const float* x, const W* w, int64_t K, bool prefetch_next, float* 
   }
 }
 
-// int8 weights take x in 16-bit fixed point. The fp32 loop's convert and FMA cost two uops
-// of the one 512-bit FMA port per 16 weights, which left int8 compute-bound at ~15 GB/s on
-// the dev machine's Xeon; a multiply-add of int16 pairs costs one per 32 weights. Each row
+// int8 weights take x in 16-bit fixed point. The fp32 loop spends a sign-extend, a convert
+// and an FMA per 16 weights, which left int8 compute-bound at ~15 GB/s on the dev machine's
+// Xeon; a multiply-add of int16 pairs costs one (VNNI) or two uops per 32 weights. Each row
 // of x becomes q = round(x / s) with s = max|x| / 32767, every entry within s / 2 of x
 // (2^-16 of the row's largest: far below int8's rounding of the weights), and dot(q, w) is
 // summed exactly in integers; the caller multiplies by s.
