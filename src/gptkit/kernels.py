@@ -73,7 +73,8 @@ def native_isa() -> str:
 
 
 def runnable_isas() -> list[str]:
-    """The ISAs of ISA_FLAGS this CPU runs: an AVX-512 machine runs the AVX2 build too."""
+    """The ISAs of ISA_FLAGS this CPU runs: its own and every one listed after it there
+    (ISA_FLAGS goes from the widest to the narrowest)."""
     order = list(ISA_FLAGS)
     isa = native_isa()
     return order[order.index(isa) :] if isa in order else []

@@ -236,8 +236,8 @@ template <typename W>
 void gemv_impl(const float* x, const W* w, const float* scale, const float* bias, float* y,
                int64_t M, int64_t N, int64_t K) {
   constexpr bool kInt8 = std::is_same_v<W, int8_t>;
-  std::vector<int16_t> xq(kInt8 ? M * K : 0);  // int8: x in fixed point, and its factors
-  std::vector<float> xs(M, 1.0f);
+  std::vector<int16_t> xq(kInt8 ? M * K : 0);  // int8 only: x in fixed point, its factors
+  std::vector<float> xs(kInt8 ? M : 0);
   if constexpr (kInt8) {
     for (int64_t m = 0; m < M; ++m) xs[m] = quantize_row(x + m * K, K, &xq[m * K]);
   }
@@ -263,7 +263,8 @@ void gemv_impl(const float* x, const W* w, const float* scale, const float* bias
             dot_rows<1>(row(m), w + (n0 + r) * K, K, false, out + r);
         }
         for (int64_t r = 0; r < rows; ++r) {
-          float v = out[r] * xs[m];
+          float v = out[r];
+          if constexpr (kInt8) v *= xs[m];
           if (scale) v *= scale[n0 + r];
           if (bias) v += bias[n0 + r];
           y[m * N + n0 + r] = v;
