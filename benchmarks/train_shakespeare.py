@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from gptkit.checkpoint import load_model
 from gptkit.config import GPTConfig, TrainConfig
@@ -151,8 +152,48 @@ def plain_lr(it: int, steps: int) -> float:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
 
+class PlainBlock(nn.Module):
+    """nanoGPT's block in plain PyTorch: pre-LN, fused q|k|v, scaled_dot_product_attention,
+    tanh-GELU MLP. GPT-2's parameter names, so gptkit's initial weights load into it."""
+
+    def __init__(self, C: int, n_head: int) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.ln_1, self.ln_2 = nn.LayerNorm(C), nn.LayerNorm(C)
+        self.attn = nn.ModuleDict({"c_attn": nn.Linear(C, 3 * C), "c_proj": nn.Linear(C, C)})
+        self.mlp = nn.ModuleDict({"c_fc": nn.Linear(C, 4 * C), "c_proj": nn.Linear(4 * C, C)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape  # batch, time, channels
+        q, k, v = self.attn["c_attn"](self.ln_1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
+        x = x + self.attn["c_proj"](y.transpose(1, 2).contiguous().view(B, T, C))
+        return x + self.mlp["c_proj"](F.gelu(self.mlp["c_fc"](self.ln_2(x)), approximate="tanh"))
+
+
+class PlainGPT(nn.Module):
+    """The baseline's model: GPT-2 as nanoGPT writes it, nothing of gptkit's own kernels."""
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        C, T = MODEL["d_model"], MODEL["context_length"]
+        self.wte, self.wpe = nn.Embedding(vocab_size, C), nn.Embedding(T, C)
+        self.h = nn.ModuleList(PlainBlock(C, MODEL["n_head"]) for _ in range(MODEL["n_layer"]))
+        self.ln_f = nn.LayerNorm(C)
+        self.lm_head = nn.Linear(C, vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied unembedding
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))  # (B, T, vocab)
+
+
 class PlainLoop:
-    """A straightforward nanoGPT-like eager loop of the gpt2 variant: the baseline."""
+    """A straightforward nanoGPT-like eager loop of the gpt2 variant: the baseline. Its
+    model starts from the same weights as gptkit's (gptkit's initialisation, same seed)."""
 
     def __init__(self, data: Path, steps: int) -> None:
         meta = load_meta(data)
@@ -160,7 +201,9 @@ class PlainLoop:
         self.B, self.T = RECIPE["batch_size"], MODEL["context_length"]
         self.dtype = np.uint16 if meta["dtype"] == "uint16" else np.uint32
         torch.manual_seed(RECIPE["seed"])
-        self.model = GPT(GPTConfig.from_preset("gpt2", vocab_size=meta["vocab_size"], **MODEL))
+        init = GPT(GPTConfig.from_preset("gpt2", vocab_size=meta["vocab_size"], **MODEL))
+        self.model = PlainGPT(meta["vocab_size"])
+        self.model.load_state_dict(init.state_dict())
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(

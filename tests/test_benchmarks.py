@@ -56,3 +56,22 @@ def test_sampling_benchmark_compares_like_with_like(capsys):
     for _ in range(50):
         token = sampling.plain_sample(logits, 1.0, 40, 0.95, g)
         assert support[token].all()
+
+
+def test_training_baseline_is_the_same_model_in_plain_pytorch():
+    """Guards the 1.5x comparison of train_shakespeare.py: its plain loop's model, written
+    nanoGPT's way with none of gptkit's kernels, computes the same function as gptkit's
+    gpt2 model from the same weights (so only the implementation differs)."""
+    import torch
+
+    from gptkit.config import GPTConfig
+    from gptkit.model import GPT
+
+    bench = load_script("train_shakespeare")
+    ours = GPT(GPTConfig.from_preset("gpt2", vocab_size=65, **bench.MODEL))
+    plain = bench.PlainGPT(65)
+    plain.load_state_dict(ours.state_dict())
+    assert plain.lm_head.weight is plain.wte.weight
+    idx = torch.randint(0, 65, (3, bench.MODEL["context_length"]))
+    torch.testing.assert_close(plain(idx), ours(idx), atol=1e-5, rtol=1e-5)
+    assert sum(p.numel() for p in plain.parameters()) == ours.num_parameters()

@@ -18,7 +18,11 @@ holds two ops:
     >>> op = gemv_op()                       # None where the kernels cannot be built
     >>> y = op(x, w_int8, scale, bias)       # x (M, K) fp32, w (N, K) -> (M, N) fp32
 
-The source is compiled once per machine with torch.utils.cpp_extension (g++, ninja and
+`csrc/attention.cpp` holds causal self-attention for training on a CPU, forward and
+backward (`causal_attention`: reads q, k, v in place from the fused projection, no
+transposes; 2-3x ATen's flash kernel on the small heads of a CPU-sized model).
+
+The sources are compiled once per machine with torch.utils.cpp_extension (g++, ninja and
 the Python headers; about 15 s) for the CPU's vector ISA, AVX-512 (with VNNI where the
 CPU has it) or AVX2+FMA, and cached in `~/.cache/gptkit/kernels/` (`$GPTKIT_KERNEL_CACHE`),
 one folder per ISA and torch version. Anywhere it cannot be built (another architecture,
@@ -39,7 +43,7 @@ from typing import Any
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "decode.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("decode.cpp", "attention.cpp")]
 # Compiler flags per ATen CPU capability (`torch.backends.cpu.get_cpu_capability()`).
 # CPU_CAPABILITY picks the matching implementation of ATen's Vectorized<float> headers.
 # AVX512_VNNI is AVX512 plus VNNI's int16 multiply-accumulate for the int8 products (one
@@ -61,6 +65,14 @@ STALE_LOCK_SECONDS = 300
 Gemv = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor
 ]
+
+
+# Attention's head width must be a whole number of vectors (16 floats for AVX-512, 8 for
+# AVX2); 16 serves both.
+ATTENTION_HEAD_MULTIPLE = 16
+# The longest sequence routed to `causal_attention`: each thread keeps two T x T score
+# buffers, and past this ATen's flash kernel, which streams key blocks, is as fast.
+ATTENTION_MAX_T = 256
 
 
 def native_isa() -> str:
@@ -118,7 +130,7 @@ def library(isa: str | None = None) -> Any:
     try:
         cpp_extension.load(
             name,
-            [str(SOURCE)],
+            [str(source) for source in SOURCES],
             build_directory=str(build_dir),
             extra_cflags=["-O3", "-fopenmp", f"-DGPTKIT_NS={name}", *ISA_FLAGS[isa]],
             extra_ldflags=["-fopenmp"],  # libgomp: the one torch has loaded already
@@ -139,3 +151,62 @@ def build_directory(name: str) -> Path:
     path = root / f"{name}-torch{version}-py{sys.version_info.major}{sys.version_info.minor}"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@torch.compiler.assume_constant_result
+def attention_namespace() -> str | None:
+    """The op namespace holding `attention_forward`/`attention_backward` with autograd
+    registered, or None where the kernels are unavailable. A constant to torch.compile, which
+    then calls the op inside its graph."""
+    return _attention_namespace()
+
+
+@functools.cache
+def _attention_namespace() -> str | None:
+    ops = library()
+    if ops is None:
+        return None
+    _register_attention(ops.name)
+    return ops.name
+
+
+def causal_attention(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D), causal) v for every head, differentiable.
+
+    qkv (B, T, 3C) float32 on the CPU, [q | k | v] along the last dimension, the output of
+    the fused projection; C / n_head a multiple of ATTENTION_HEAD_MULTIPLE. Returns
+    (B, T, C), the heads concatenated. Raises RuntimeError where the kernels are unavailable
+    (check `attention_namespace()` first).
+    """
+    ns = attention_namespace()
+    if ns is None:
+        raise RuntimeError("the native attention kernel is unavailable")
+    return getattr(torch.ops, ns).attention_forward(qkv, n_head)[0]
+
+
+def _register_attention(ns: str) -> None:
+    """Shapes for torch.compile's tracing and the backward pass, for ops built in C++."""
+    forward, backward = f"{ns}::attention_forward", f"{ns}::attention_backward"
+
+    @torch.library.register_fake(forward)
+    def _(qkv: torch.Tensor, n_head: int) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, C3 = qkv.shape
+        return qkv.new_empty(B, T, C3 // 3), qkv.new_empty(B, n_head, T)
+
+    @torch.library.register_fake(backward)
+    def _(dy: torch.Tensor, qkv: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, n_head: int):
+        return torch.empty_like(qkv)
+
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+        qkv, n_head = inputs
+        y, lse = output
+        ctx.save_for_backward(qkv, y, lse)
+        ctx.n_head = n_head
+
+    def grad(ctx: Any, dy: torch.Tensor, dlse: torch.Tensor | None) -> tuple[Any, None]:
+        # lse is an internal result (nothing downstream differentiates it), so dlse is unused.
+        qkv, y, lse = ctx.saved_tensors
+        op = getattr(torch.ops, ns).attention_backward
+        return op(dy.contiguous(), qkv, y, lse, ctx.n_head), None
+
+    torch.library.register_autograd(forward, grad, setup_context=setup_context)

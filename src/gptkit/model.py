@@ -256,7 +256,11 @@ class CausalSelfAttention(nn.Module):
     ) -> torch.Tensor:
         """(B, T, C) -> (B, T, C)."""
         B, T, C = x.shape  # batch, time, channels
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        qkv = self.c_attn(x)  # (B, T, 3C)
+        if kv_cache is None and self._native_fits(qkv):
+            y = kernels.causal_attention(qkv, self.n_head)  # (B, T, C): heads concatenated
+            return self.resid_dropout(self.c_proj(y) if self.c_proj is not None else y)
+        q, k, v = qkv.split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -277,6 +281,22 @@ class CausalSelfAttention(nn.Module):
         if self.c_proj is not None:
             y = self.c_proj(y)
         return self.resid_dropout(y)
+
+    def _native_fits(self, qkv: torch.Tensor) -> bool:
+        """Whether `kernels.causal_attention` computes this call: whole sequences of fp32
+        on a CPU, plain causal attention, no attention dropout, heads of a whole number of
+        vectors, and the kernels built. Elsewhere scaled_dot_product_attention does."""
+        T = qkv.shape[1]
+        return (
+            not self.reference
+            and qkv.device.type == "cpu"
+            and qkv.dtype == torch.float32
+            and not (self.training and self.dropout > 0)
+            and (self.band is None or self.band >= T)
+            and self.head_dim % kernels.ATTENTION_HEAD_MULTIPLE == 0
+            and T <= kernels.ATTENTION_MAX_T
+            and kernels.attention_namespace() is not None
+        )
 
 
 def causal_mask(T: int, S: int, device: torch.device | None = None) -> torch.Tensor:

@@ -1,0 +1,170 @@
+"""The native training attention (`csrc/attention.cpp`) against the explicit formula in
+float64, for every ISA it is built for here, and the model's routing to it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gptkit import kernels
+from gptkit.config import GPTConfig
+from gptkit.model import GPT, KVCache, reference_attention
+
+# (B, T, H, D): one position; T not a multiple of the vector width or of the 4-row tiles;
+# D = 48 (one two-vector and one one-vector column block); the benchmark's own shape.
+SHAPES = [
+    (1, 1, 1, 16),
+    (2, 5, 3, 16),
+    (2, 17, 2, 32),
+    (3, 33, 1, 64),
+    (1, 70, 2, 48),
+    (12, 64, 4, 32),
+]
+
+
+def _reference(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
+    """(B, T, 3C) -> (B, T, C) through model.reference_attention."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    q, k, v = (t.view(B, T, n_head, C // n_head).transpose(1, 2) for t in qkv.split(C, dim=2))
+    return reference_attention(q, k, v).transpose(1, 2).reshape(B, T, C)
+
+
+def _case(B: int, T: int, H: int, D: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv in float64 with a wide range of scores, dy, and the reference gradient."""
+    qkv = (torch.randn(B, T, 3 * H * D, dtype=torch.float64) * 1.5).requires_grad_()
+    y = _reference(qkv, H)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    return qkv.detach(), dy, qkv.grad
+
+
+@pytest.mark.parametrize("isa", list(kernels.ISA_FLAGS))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_attention_matches_float64_reference(isa, threads):
+    """Guards the causal tiles (a key past the diagonal, or a row tile's edge), the softmax
+    and its log-sum-exp, the recomputed probabilities of the backward pass, the transposed
+    products dK = dS^T Q and dV = P^T dY, and the split of heads across threads."""
+    if isa not in kernels.runnable_isas():
+        pytest.skip(f"this CPU cannot run the {isa} build")
+    ops = kernels.library(isa)
+    assert ops is not None
+    torch.set_num_threads(threads)  # the autouse fixture restores it
+    for B, T, H, D in SHAPES:
+        qkv, dy, dqkv = _case(B, T, H, D)
+        y_ref = _reference(qkv, H)
+        y, lse = ops.attention_forward(qkv.float(), H)
+        assert y.shape == (B, T, H * D) and lse.shape == (B, H, T)
+        torch.testing.assert_close(y.double(), y_ref, atol=2e-6, rtol=1e-5)
+        grad = ops.attention_backward(dy.float(), qkv.float(), y, lse, H)
+        torch.testing.assert_close(grad.double(), dqkv, atol=2e-5, rtol=1e-4)
+
+
+def test_lse_is_the_log_sum_exp_of_the_scaled_scores():
+    """Guards what the backward pass relies on:
+    lse[b, h, t] = log sum_{s <= t} exp(q.k_s / sqrt(D))."""
+    B, T, H, D = 2, 9, 2, 16
+    qkv = torch.randn(B, T, 3 * H * D)
+    _, lse = kernels.library().attention_forward(qkv, H)
+    q, k, _ = (t.view(B, T, H, D).transpose(1, 2).double() for t in qkv.split(H * D, dim=2))
+    scores = q @ k.transpose(-2, -1) / math.sqrt(D)
+    scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+    torch.testing.assert_close(lse.double(), scores.logsumexp(-1), atol=1e-5, rtol=1e-6)
+
+
+def test_causal_attention_is_differentiable_eager_and_compiled():
+    """Guards the autograd and fake-tensor registrations: the gradient through
+    `kernels.causal_attention` equals the reference's, and torch.compile traces the op into
+    one graph (fullgraph) with the same results."""
+    qkv64, dy, dqkv = _case(2, 24, 2, 32)
+    qkv = qkv64.float().requires_grad_()
+    kernels.causal_attention(qkv, 2).backward(dy.float())
+    torch.testing.assert_close(qkv.grad.double(), dqkv, atol=2e-5, rtol=1e-4)
+
+    compiled = torch.compile(lambda t: kernels.causal_attention(t, 2) * 2.0, fullgraph=True)
+    qkv.grad = None
+    y = compiled(qkv)
+    y.backward(2.0 * dy.float())
+    torch.testing.assert_close(y.double() / 2.0, _reference(qkv64, 2), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(qkv.grad.double() / 4.0, dqkv, atol=2e-5, rtol=1e-4)
+
+
+def test_attention_refuses_bad_arguments_with_a_message():
+    ops = kernels.library()
+    with pytest.raises(RuntimeError, match="multiple of"):
+        ops.attention_forward(torch.randn(1, 4, 3 * 2 * 12), 2)  # heads of 12
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.attention_forward(torch.randn(1, 4, 3 * 32, dtype=torch.float64), 2)
+    y, lse = ops.attention_forward(torch.randn(1, 4, 96), 2)
+    with pytest.raises(RuntimeError, match="lse"):
+        ops.attention_backward(torch.randn(1, 4, 32), torch.randn(1, 4, 96), y, lse[:, :1], 2)
+
+
+def _counting(monkeypatch) -> list[int]:
+    """Counts calls of kernels.causal_attention (still computing them)."""
+    calls: list[int] = []
+    real = kernels.causal_attention
+
+    def counted(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
+        calls.append(qkv.shape[1])
+        return real(qkv, n_head)
+
+    monkeypatch.setattr(kernels, "causal_attention", counted)
+    return calls
+
+
+@pytest.mark.parametrize("family", ["seed", "gpt2"])
+def test_model_uses_the_kernel_and_matches_reference_attention(family, monkeypatch):
+    """Guards the routing and the wiring around it (heads read in place, output projection,
+    residual): a model with heads of 16 runs every layer through the kernel, and its logits
+    and gradients equal those of the explicit reference path."""
+    preset = "seed-tiny" if family == "seed" else "gpt2"
+    cfg = GPTConfig.from_preset(
+        preset, vocab_size=50, context_length=40, n_layer=2, n_head=2, d_model=32
+    )
+    model = GPT(cfg)
+    idx = torch.randint(0, 50, (3, 40))
+    calls = _counting(monkeypatch)
+    logits = model(idx)
+    logits.square().mean().backward()
+    assert calls == [40, 40]
+    grads = [p.grad.clone() for p in model.parameters()]
+
+    model.zero_grad()
+    model.set_reference_attention(True)
+    ref = model(idx)
+    ref.square().mean().backward()
+    assert calls == [40, 40]  # the reference path does not use it
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+    for g, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_model_falls_back_where_the_kernel_does_not_apply(monkeypatch):
+    """Guards each condition of CausalSelfAttention._native_fits: attention dropout while
+    training, a band narrower than the sequence, bf16 autocast, heads of a width that is not
+    a whole number of vectors, a sequence past ATTENTION_MAX_T, and decoding with a cache."""
+    calls = _counting(monkeypatch)
+    base = dict(vocab_size=50, context_length=32, n_layer=1, n_head=2, d_model=32)
+    idx = torch.randint(0, 50, (2, 32))
+
+    GPT(GPTConfig.from_preset("gpt2", **base, dropout=0.1)).train()(idx)
+    banded = GPT(GPTConfig.from_preset("gpt2", **base))
+    banded.h[0].attn.band = 8
+    banded(idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        GPT(GPTConfig.from_preset("gpt2", **base))(idx)
+    GPT(GPTConfig.from_preset("gpt2", **{**base, "n_head": 4}))(idx)  # heads of 8
+    monkeypatch.setattr(kernels, "ATTENTION_MAX_T", 16)
+    GPT(GPTConfig.from_preset("gpt2", **base))(idx)
+    assert calls == []
+
+    monkeypatch.setattr(kernels, "ATTENTION_MAX_T", 256)
+    model = GPT(GPTConfig.from_preset("gpt2", **base, dropout=0.1)).eval()
+    model(idx)  # dropout is off in eval mode: the kernel applies
+    assert calls == [32]
+    # A prompt fed into a KV cache goes through scaled_dot_product_attention.
+    model(idx[:, :4], kv_cache=KVCache(model.config, batch_size=2, max_len=32))
+    assert calls == [32]
