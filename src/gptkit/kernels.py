@@ -18,9 +18,11 @@ holds two ops:
     >>> op = gemv_op()                       # None where the kernels cannot be built
     >>> y = op(x, w_int8, scale, bias)       # x (M, K) fp32, w (N, K) -> (M, N) fp32
 
-`csrc/attention.cpp` holds causal self-attention for training on a CPU, forward and
-backward (`causal_attention`: reads q, k, v in place from the fused projection, no
-transposes; 2-3x ATen's flash kernel on the small heads of a CPU-sized model).
+Two more serve training on a CPU, forward and backward, with autograd registered:
+`csrc/attention.cpp` is causal self-attention (`causal_attention`: q, k, v read in place
+from the fused projection, no transposes; 1.4-2.4x ATen's flash kernel on the small heads
+of a CPU-sized model), `csrc/gelu.cpp` GPT-2's GELU with the bias of the product before it
+(`bias_gelu`: one pass each way, the bias gradient included).
 
 The sources are compiled once per machine with torch.utils.cpp_extension (g++, ninja and
 the Python headers; about 15 s) for the CPU's vector ISA, AVX-512 (with VNNI where the
@@ -43,7 +45,9 @@ from typing import Any
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("decode.cpp", "attention.cpp")]
+SOURCES = [
+    Path(__file__).parent / "csrc" / name for name in ("decode.cpp", "attention.cpp", "gelu.cpp")
+]
 # Compiler flags per ATen CPU capability (`torch.backends.cpu.get_cpu_capability()`).
 # CPU_CAPABILITY picks the matching implementation of ATen's Vectorized<float> headers.
 # AVX512_VNNI is AVX512 plus VNNI's int16 multiply-accumulate for the int8 products (one
@@ -154,19 +158,20 @@ def build_directory(name: str) -> Path:
 
 
 @torch.compiler.assume_constant_result
-def attention_namespace() -> str | None:
-    """The op namespace holding `attention_forward`/`attention_backward` with autograd
-    registered, or None where the kernels are unavailable. A constant to torch.compile, which
-    then calls the op inside its graph."""
-    return _attention_namespace()
+def training_namespace() -> str | None:
+    """The op namespace of this CPU's build, its training ops (attention, bias + GELU)
+    registered with autograd, or None where the kernels are unavailable. A constant to
+    torch.compile, which then calls the ops inside its graph."""
+    return _training_namespace()
 
 
 @functools.cache
-def _attention_namespace() -> str | None:
+def _training_namespace() -> str | None:
     ops = library()
     if ops is None:
         return None
     _register_attention(ops.name)
+    _register_bias_gelu(ops.name)
     return ops.name
 
 
@@ -175,13 +180,22 @@ def causal_attention(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
 
     qkv (B, T, 3C) float32 on the CPU, [q | k | v] along the last dimension, the output of
     the fused projection; C / n_head a multiple of ATTENTION_HEAD_MULTIPLE. Returns
-    (B, T, C), the heads concatenated. Raises RuntimeError where the kernels are unavailable
-    (check `attention_namespace()` first).
+    (B, T, C), the heads concatenated.
     """
-    ns = attention_namespace()
+    return _training_ops().attention_forward(qkv, n_head)[0]
+
+
+def bias_gelu(h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh GELU of h + bias, differentiable in both: h (..., N) and bias (N,)
+    float32 on the CPU (h: a product without its bias). Returns h's shape."""
+    return _training_ops().bias_gelu_forward(h, bias)
+
+
+def _training_ops() -> Any:
+    ns = training_namespace()
     if ns is None:
-        raise RuntimeError("the native attention kernel is unavailable")
-    return getattr(torch.ops, ns).attention_forward(qkv, n_head)[0]
+        raise RuntimeError("the native training kernels are unavailable")
+    return getattr(torch.ops, ns)
 
 
 def _register_attention(ns: str) -> None:
@@ -208,5 +222,27 @@ def _register_attention(ns: str) -> None:
         qkv, y, lse = ctx.saved_tensors
         op = getattr(torch.ops, ns).attention_backward
         return op(dy.contiguous(), qkv, y, lse, ctx.n_head), None
+
+    torch.library.register_autograd(forward, grad, setup_context=setup_context)
+
+
+def _register_bias_gelu(ns: str) -> None:
+    """Shapes for torch.compile's tracing and the backward pass of bias_gelu_forward."""
+    forward, backward = f"{ns}::bias_gelu_forward", f"{ns}::bias_gelu_backward"
+
+    @torch.library.register_fake(forward)
+    def _(h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(h)
+
+    @torch.library.register_fake(backward)
+    def _(dy: torch.Tensor, h: torch.Tensor, bias: torch.Tensor):
+        return torch.empty_like(h), torch.empty_like(bias)
+
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.save_for_backward(*inputs)
+
+    def grad(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h, bias = ctx.saved_tensors
+        return getattr(torch.ops, ns).bias_gelu_backward(dy.contiguous(), h, bias)
 
     torch.library.register_autograd(forward, grad, setup_context=setup_context)

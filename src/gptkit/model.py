@@ -295,7 +295,7 @@ class CausalSelfAttention(nn.Module):
             and (self.band is None or self.band >= T)
             and self.head_dim % kernels.ATTENTION_HEAD_MULTIPLE == 0
             and T <= kernels.ATTENTION_MAX_T
-            and kernels.attention_namespace() is not None
+            and kernels.training_namespace() is not None
         )
 
 
@@ -407,6 +407,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, C) -> (B, T, C)."""
+        if self.activation == "gelu" and self._native_fits(x):
+            h = kernels.bias_gelu(F.linear(x, self.c_fc.weight), self.c_fc.bias)  # (B, T, F)
+            return self.dropout(self.c_proj(h))
         h = self.c_fc(x)  # (B, T, F)
         if self.activation == "gelu":
             h = gelu_tanh(h)  # GPT-2's "gelu_new"
@@ -415,6 +418,20 @@ class MLP(nn.Module):
         else:
             h = F.relu(h)
         return self.dropout(self.c_proj(h))
+
+    def _native_fits(self, x: torch.Tensor) -> bool:
+        """Whether `kernels.bias_gelu` applies c_fc's bias and the GELU: fp32 on a CPU (not
+        under bf16 autocast), c_fc a plain nn.Linear with a bias (not a quantized one) and
+        no hook on it (the fused path does not call it), and the kernels built."""
+        return (
+            x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+            and type(self.c_fc) is nn.Linear
+            and self.c_fc.bias is not None
+            and not _has_hooks(self.c_fc)
+            and kernels.training_namespace() is not None
+        )
 
 
 class Block(nn.Module):

@@ -1,5 +1,6 @@
-"""The native training attention (`csrc/attention.cpp`) against the explicit formula in
-float64, for every ISA it is built for here, and the model's routing to it."""
+"""The native training ops against float64 references, for every ISA they are built for
+here: causal attention (`csrc/attention.cpp`) against the explicit formula, bias + GELU
+(`csrc/gelu.cpp`) against ATen's tanh GELU; and the model's routing to them."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gptkit import kernels
 from gptkit.config import GPTConfig
-from gptkit.model import GPT, KVCache, reference_attention
+from gptkit.model import GPT, MLP, KVCache, reference_attention
 
 # (B, T, H, D): one position; T not a multiple of the vector width or of the 4-row tiles;
 # D = 48 (one two-vector and one one-vector column block); the benchmark's own shape.
@@ -168,3 +170,104 @@ def test_model_falls_back_where_the_kernel_does_not_apply(monkeypatch):
     # A prompt fed into a KV cache goes through scaled_dot_product_attention.
     model(idx[:, :4], kv_cache=KVCache(model.config, batch_size=2, max_len=32))
     assert calls == [32]
+
+
+def _gelu_case(M: int, N: int) -> tuple[torch.Tensor, ...]:
+    """h (M, N) and b (N,) in float64 over GELU's whole range (both tails, the bend near 0),
+    dy, and the reference output and gradients."""
+    h = (torch.randn(M, N, dtype=torch.float64) * 3).requires_grad_()
+    with torch.no_grad():
+        h[0, : min(N, 6)] = torch.tensor([-200.0, -30.0, -5e-4, 0.0, 30.0, 200.0])[: min(N, 6)]
+    b = torch.randn(N, dtype=torch.float64).requires_grad_()
+    y = F.gelu(h + b, approximate="tanh")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    return h.detach(), b.detach(), dy, y.detach(), h.grad, b.grad
+
+
+@pytest.mark.parametrize("isa", list(kernels.ISA_FLAGS))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bias_gelu_matches_float64_reference(isa, threads):
+    """Guards the GELU written as u sigmoid(2z) with a reciprocal estimate, its derivative,
+    the vector tail (N not a multiple of the width), the clamp that keeps exp finite (no NaN
+    at u = -200) and the bias gradient summed over blocks of rows (M not a multiple)."""
+    if isa not in kernels.runnable_isas():
+        pytest.skip(f"this CPU cannot run the {isa} build")
+    ops = kernels.library(isa)
+    torch.set_num_threads(threads)  # the autouse fixture restores it
+    for M, N in [(1, 5), (3, 16), (70, 37), (130, 512)]:
+        h, b, dy, y_ref, dh_ref, db_ref = _gelu_case(M, N)
+        y = ops.bias_gelu_forward(h.float(), b.float())
+        torch.testing.assert_close(y.double(), y_ref, atol=1e-5, rtol=1e-5)
+        dh, db = ops.bias_gelu_backward(dy.float(), h.float(), b.float())
+        torch.testing.assert_close(dh.double(), dh_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(db.double(), db_ref, atol=1e-4, rtol=1e-5)
+
+
+def test_bias_gradient_does_not_depend_on_the_thread_count():
+    """Guards resume exactness on another machine: the bias gradient is summed over fixed
+    blocks of rows in a fixed order, so 1 and 2 threads give the same bits."""
+    h, b, dy = torch.randn(300, 40), torch.randn(40), torch.randn(300, 40)
+    ops = kernels.library()
+    torch.set_num_threads(1)
+    one = ops.bias_gelu_backward(dy, h, b)
+    torch.set_num_threads(2)
+    two = ops.bias_gelu_backward(dy, h, b)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+def test_bias_gelu_is_differentiable_eager_and_compiled():
+    """Guards the autograd and fake-tensor registrations of bias_gelu."""
+    h64, b64, dy, y_ref, dh_ref, db_ref = _gelu_case(12, 48)
+    for fn in (kernels.bias_gelu, torch.compile(kernels.bias_gelu, fullgraph=True)):
+        h, b = h64.float().requires_grad_(), b64.float().requires_grad_()
+        y = fn(h.view(3, 4, 48), b)
+        y.backward(dy.float().view(3, 4, 48))
+        torch.testing.assert_close(y.double().view(12, 48), y_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(h.grad.double(), dh_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b.grad.double(), db_ref, atol=1e-4, rtol=1e-5)
+
+
+def test_mlp_uses_bias_gelu_where_it_applies(monkeypatch):
+    """Guards MLP's routing: fp32 GELU with a bias goes through the kernel with the same
+    output and gradients as Linear + ATen's GELU; bf16 autocast, no bias and the other
+    activations do not."""
+    calls: list[tuple[int, ...]] = []
+    real = kernels.bias_gelu
+    monkeypatch.setattr(kernels, "bias_gelu", lambda h, b: calls.append(h.shape) or real(h, b))
+    cfg = GPTConfig.from_preset("gpt2", vocab_size=50, n_layer=1, n_head=2, d_model=32)
+    mlp = MLP(cfg)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    out = mlp(x)
+    out.square().sum().backward()
+    assert calls == [(2, 5, 128)]
+    grads = [x.grad.clone()] + [p.grad.clone() for p in mlp.parameters()]
+
+    x.grad = None
+    mlp.zero_grad()
+    ref = mlp.c_proj(F.gelu(mlp.c_fc(x), approximate="tanh"))
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    for g, r in zip(grads, [x.grad] + [p.grad for p in mlp.parameters()], strict=True):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mlp(x)
+    MLP(GPTConfig.from_preset("gpt2", vocab_size=50, n_layer=1, n_head=2, d_model=32, bias=False))(
+        x
+    )
+    MLP(GPTConfig.from_preset("seed-tiny", vocab_size=50, n_layer=1, n_head=2, d_model=32))(x)
+    assert calls == [(2, 5, 128)]
+
+
+def test_mlp_keeps_c_fc_hooks(monkeypatch):
+    """Guards `gptkit explain` and user hooks: with a hook on c_fc, the MLP calls c_fc
+    itself (the hook sees its output) instead of the fused path."""
+    calls: list[int] = []
+    real = kernels.bias_gelu
+    monkeypatch.setattr(kernels, "bias_gelu", lambda h, b: calls.append(1) or real(h, b))
+    mlp = MLP(GPTConfig.from_preset("gpt2", vocab_size=50, n_layer=1, n_head=2, d_model=32))
+    seen: list[torch.Size] = []
+    mlp.c_fc.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    mlp(torch.randn(2, 5, 32))
+    assert seen == [(2, 5, 128)] and calls == []
