@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptkit import checkpoint as ckpt
-from gptkit import distributed
+from gptkit import distributed, malloc
 from gptkit.config import GPTConfig, TrainConfig
 from gptkit.errors import GptkitError
 from gptkit.metrics import METRICS_FILE, MetricsLog, plot_losses
@@ -233,6 +233,8 @@ def setup(
     check_data_fits(cfg, config.context_length, len(train_tokens), len(val_tokens))
     if env.is_main:
         start_run_dir(cfg, run_dir, config)
+    if device.type == "cpu":
+        malloc.keep_freed_memory()  # each step's activations reuse the last step's pages
     model = build_model(config, cfg.seed, device)
     if state is not None:  # before sharding: FSDP then splits the loaded weights
         ckpt.load_weights(model, state["model"], run_dir / ckpt.TRAIN_STATE_FILE)
