@@ -81,10 +81,10 @@ at::Tensor bias_gelu_forward(const at::Tensor& h_in, const at::Tensor& b_in) {
   const float* hp = h.data_ptr<float>();
   const float* bp = b.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, M, 16, [=](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
-      const float* hr = hp + m * N;
-      float* yr = yp + m * N;
+      const float* __restrict hr = hp + m * N;
+      float* __restrict yr = yp + m * N;
       int64_t n = 0;
       for (; n + W <= N; n += W) {
         const V u = V::loadu(hr + n) + V::loadu(bp + n);
