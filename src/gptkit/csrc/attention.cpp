@@ -33,6 +33,8 @@
 #include <vector>
 #include <immintrin.h>
 
+#include "simd.h"
+
 #ifndef GPTKIT_NS
 #define GPTKIT_NS gptkit_cpu
 #endif
@@ -43,23 +45,8 @@ constexpr int64_t W = V::size();
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 inline int64_t round_up(int64_t n) { return (n + W - 1) / W * W; }
 
-// The product kernel works on plain vector registers of the build's ISA.
-#if defined(CPU_CAPABILITY_AVX512)
-using Reg = __m512;
-inline Reg reg_zero() { return _mm512_setzero_ps(); }
-inline Reg reg_load(const float* p) { return _mm512_loadu_ps(p); }
-inline Reg reg_set(float x) { return _mm512_set1_ps(x); }
-inline Reg reg_fma(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
-inline void reg_store(float* p, Reg a, Reg scale) { _mm512_storeu_ps(p, _mm512_mul_ps(a, scale)); }
-#else
-using Reg = __m256;
-inline Reg reg_zero() { return _mm256_setzero_ps(); }
-inline Reg reg_load(const float* p) { return _mm256_loadu_ps(p); }
-inline Reg reg_set(float x) { return _mm256_set1_ps(x); }
-inline Reg reg_fma(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
-inline void reg_store(float* p, Reg a, Reg scale) { _mm256_storeu_ps(p, _mm256_mul_ps(a, scale)); }
-#endif
-static_assert(sizeof(Reg) == W * sizeof(float), "Vectorized<float> and Reg differ in width");
+using namespace gptkit_simd;  // the product kernel's plain vector registers (simd.h)
+static_assert(kWidth == W, "Vectorized<float> and simd.h's Vec differ in width");
 
 // C[r, (0, NV W)) = alpha sum_{k0 <= k < k1} A[r, k] B[k, (0, NV W)] for r < R: R x NV
 // accumulators in registers, one broadcast of A and NV loads of B per k. With TA, A is
@@ -67,27 +54,27 @@ static_assert(sizeof(Reg) == W * sizeof(float), "Vectorized<float> and Reg diffe
 template <int R, int NV, bool TA>
 inline void tile(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                  int64_t k0, int64_t k1, float alpha) {
-  Reg acc[R][NV];
+  Vec acc[R][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = reg_zero();
+    for (int v = 0; v < NV; ++v) acc[r][v] = vzero();
   for (int64_t k = k0; k < k1; ++k) {
-    Reg b[NV];
+    Vec b[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) b[v] = reg_load(B + k * ldb + v * W);
+    for (int v = 0; v < NV; ++v) b[v] = vload(B + k * ldb + v * W);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const Reg a = reg_set(TA ? A[k * lda + r] : A[r * lda + k]);
+      const Vec a = vset(TA ? A[k * lda + r] : A[r * lda + k]);
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = reg_fma(a, b[v], acc[r][v]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = vfma(a, b[v], acc[r][v]);
     }
   }
-  const Reg scale = reg_set(alpha);
+  const Vec scale = vset(alpha);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) reg_store(C + r * ldc + v * W, acc[r][v], scale);
+    for (int v = 0; v < NV; ++v) vstore(C + r * ldc + v * W, vmul(acc[r][v], scale));
 }
 
 template <int R, bool TA>
