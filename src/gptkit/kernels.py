@@ -1,4 +1,5 @@
-"""Native CPU kernels for the decode step, compiled on first use.
+"""Native CPU kernels, compiled on first use: the decode step, and for training causal
+attention and bias + GELU.
 
 On a CPU, decoding one token at batch 1 streams every weight from memory once, so its
 speed is bandwidth / bytes per token. ATen reaches that rate for fp32 weights (MKL) but
@@ -20,8 +21,8 @@ holds two ops:
 
 Two more serve training on a CPU, forward and backward, with autograd registered:
 `csrc/attention.cpp` is causal self-attention (`causal_attention`: q, k, v read in place
-from the fused projection, no transposes; 1.4-2.4x ATen's flash kernel on the small heads
-of a CPU-sized model), `csrc/gelu.cpp` GPT-2's GELU with the bias of the product before it
+from the fused projection, no transposes; forward + backward 1.4-1.5x ATen's flash kernel
+for the short sequences of a CPU-sized model), `csrc/gelu.cpp` GPT-2's GELU with the bias of the product before it
 (`bias_gelu`: one pass each way, the bias gradient included).
 
 The sources are compiled once per machine with torch.utils.cpp_extension (g++, ninja and
