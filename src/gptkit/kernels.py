@@ -22,8 +22,8 @@ holds two ops:
 Two more serve training on a CPU, forward and backward, with autograd registered:
 `csrc/attention.cpp` is causal self-attention (`causal_attention`: q, k, v read in place
 from the fused projection, no transposes; forward + backward 1.4-1.5x ATen's flash kernel
-for the short sequences of a CPU-sized model), `csrc/gelu.cpp` GPT-2's GELU with the bias of the product before it
-(`bias_gelu`: one pass each way, the bias gradient included).
+for the short sequences of a CPU-sized model), `csrc/gelu.cpp` GPT-2's GELU with the bias
+of the product before it (`bias_gelu`: one pass each way, the bias gradient included).
 
 The sources are compiled once per machine with torch.utils.cpp_extension (g++, ninja and
 the Python headers; about 15 s) for the CPU's vector ISA, AVX-512 (with VNNI where the
