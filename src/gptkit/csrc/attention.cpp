@@ -35,10 +35,6 @@
 
 #include "simd.h"
 
-#ifndef GPTKIT_NS
-#define GPTKIT_NS gptkit_cpu
-#endif
-
 namespace {
 using V = at::vec::Vectorized<float>;
 constexpr int64_t W = V::size();

@@ -44,10 +44,6 @@
 
 #include "simd.h"
 
-#ifndef GPTKIT_NS
-#define GPTKIT_NS gptkit_cpu
-#endif
-
 namespace {
 
 using namespace gptkit_simd;  // Vec, IVec and their helpers (simd.h)

@@ -26,9 +26,7 @@
 #include <vector>
 #include <immintrin.h>
 
-#ifndef GPTKIT_NS
-#define GPTKIT_NS gptkit_cpu
-#endif
+#include "simd.h"  // GPTKIT_NS
 
 namespace {
 

@@ -4,6 +4,11 @@
 
 #pragma once
 
+// The op namespace: kernels.py passes one per ISA build (-DGPTKIT_NS=gptkit_cpu_<isa>).
+#ifndef GPTKIT_NS
+#define GPTKIT_NS gptkit_cpu
+#endif
+
 #include <immintrin.h>
 
 #include <algorithm>
