@@ -271,3 +271,65 @@ def test_mlp_keeps_c_fc_hooks(monkeypatch):
     mlp.c_fc.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     mlp(torch.randn(2, 5, 32))
     assert seen == [(2, 5, 128)] and calls == []
+
+
+@pytest.mark.parametrize("isa", list(kernels.ISA_FLAGS))
+@pytest.mark.parametrize("D", [128, 40, 5])
+def test_embedding_matches_nn_embedding(isa, D):
+    """Guards the lookup and the row sums of its backward pass against ATen's
+    (repeated indices, a band of columns that is not a whole vector, fewer columns than
+    one vector), and that the sums do not depend on the thread count."""
+    if isa not in kernels.runnable_isas():
+        pytest.skip(f"this CPU cannot run the {isa} build")
+    ops = kernels.library(isa)
+    weight = torch.randn(7, D)
+    idx = torch.randint(0, 7, (3, 50))
+    grad = torch.randn(3, 50, D)
+    assert torch.equal(ops.embedding_forward(weight, idx), F.embedding(idx, weight))
+    w = weight.clone().requires_grad_()
+    F.embedding(idx, w).backward(grad)
+    sums = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)  # the autouse fixture restores it
+        sums.append(ops.embedding_backward(grad, idx, 7))
+    torch.testing.assert_close(sums[0], w.grad, atol=1e-5, rtol=1e-5)
+    assert torch.equal(sums[0], sums[1])
+
+
+def test_embedding_refuses_an_index_out_of_range():
+    ops = kernels.library()
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.embedding_forward(torch.randn(4, 16), torch.tensor([1, 4]))
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.embedding_backward(torch.randn(2, 16), torch.tensor([-1, 0]), 4)
+
+
+def test_compiled_model_looks_embeddings_up_through_the_kernel(monkeypatch):
+    """Guards model._lookup: compiled on a CPU, a gpt2-family model reads wte and wpe
+    through kernels.embedding (so the backward pass avoids inductor's atomics) with the same
+    loss and gradients as eager; eager, or with a hook on wte, it calls the modules."""
+    calls: list[int] = []
+    real = kernels.embedding
+    monkeypatch.setattr(kernels, "embedding", lambda w, i: calls.append(w.shape[0]) or real(w, i))
+    cfg = GPTConfig.from_preset(
+        "gpt2", vocab_size=50, context_length=16, n_layer=1, n_head=2, d_model=32
+    )
+    model = GPT(cfg)
+    idx = torch.randint(0, 50, (2, 16))
+    model(idx).square().mean().backward()
+    assert calls == []  # eager: nn.Embedding
+    grads = [p.grad.clone() for p in model.parameters()]
+
+    model.zero_grad()
+    out = torch.compile(model)(idx)
+    assert sorted(calls) == [16, 50]  # traced once: wpe and wte
+    out.square().mean().backward()
+    for g, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+
+    torch._dynamo.reset()
+    calls.clear()
+    seen: list[torch.Size] = []
+    model.wte.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    torch.compile(model)(idx)
+    assert calls == [16] and seen == [(2, 16, 32)]

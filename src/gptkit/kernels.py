@@ -19,11 +19,13 @@ holds two ops:
     >>> op = gemv_op()                       # None where the kernels cannot be built
     >>> y = op(x, w_int8, scale, bias)       # x (M, K) fp32, w (N, K) -> (M, N) fp32
 
-Two more serve training on a CPU, forward and backward, with autograd registered:
+Three more serve training on a CPU, forward and backward, with autograd registered:
 `csrc/attention.cpp` is causal self-attention (`causal_attention`: q, k, v read in place
 from the fused projection, no transposes; forward + backward 1.4-1.5x ATen's flash kernel
 for the short sequences of a CPU-sized model), `csrc/gelu.cpp` GPT-2's GELU with the bias
-of the product before it (`bias_gelu`: one pass each way, the bias gradient included).
+of the product before it (`bias_gelu`: one pass each way, the bias gradient included),
+`csrc/embedding.cpp` the embedding lookup (`embedding`: a backward pass without the atomic
+adds inductor would write).
 
 The sources are compiled once per machine with torch.utils.cpp_extension (g++, ninja and
 the Python headers; about 15 s) for the CPU's vector ISA, AVX-512 (with VNNI where the
@@ -47,7 +49,8 @@ from typing import Any
 import torch
 
 SOURCES = [
-    Path(__file__).parent / "csrc" / name for name in ("decode.cpp", "attention.cpp", "gelu.cpp")
+    Path(__file__).parent / "csrc" / name
+    for name in ("decode.cpp", "attention.cpp", "gelu.cpp", "embedding.cpp")
 ]
 # Compiler flags per ATen CPU capability (`torch.backends.cpu.get_cpu_capability()`).
 # CPU_CAPABILITY picks the matching implementation of ATen's Vectorized<float> headers.
@@ -173,6 +176,7 @@ def _training_namespace() -> str | None:
         return None
     _register_attention(ops.name)
     _register_bias_gelu(ops.name)
+    _register_embedding(ops.name)
     return ops.name
 
 
@@ -190,6 +194,14 @@ def bias_gelu(h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """GPT-2's tanh GELU of h + bias, differentiable in both: h (..., N) and bias (N,)
     float32 on the CPU (h: a product without its bias). Returns h's shape."""
     return _training_ops().bias_gelu_forward(h, bias)
+
+
+def embedding(weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """weight[idx], as nn.Embedding computes it, differentiable in `weight`: weight (N, D)
+    float32 on the CPU, idx int64 of any shape. Its backward pass adds the gradient's rows
+    into the table with plain vector adds, where inductor's own would use atomics
+    (csrc/embedding.cpp says why)."""
+    return _training_ops().embedding_forward(weight, idx)
 
 
 def _training_ops() -> Any:
@@ -245,5 +257,30 @@ def _register_bias_gelu(ns: str) -> None:
     def grad(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h, bias = ctx.saved_tensors
         return getattr(torch.ops, ns).bias_gelu_backward(dy.contiguous(), h, bias)
+
+    torch.library.register_autograd(forward, grad, setup_context=setup_context)
+
+
+def _register_embedding(ns: str) -> None:
+    """Shapes for torch.compile's tracing and the backward pass of embedding_forward."""
+    forward, backward = f"{ns}::embedding_forward", f"{ns}::embedding_backward"
+
+    @torch.library.register_fake(forward)
+    def _(weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return weight.new_empty(*idx.shape, weight.shape[1])
+
+    @torch.library.register_fake(backward)
+    def _(grad: torch.Tensor, idx: torch.Tensor, num_rows: int) -> torch.Tensor:
+        return grad.new_empty(num_rows, grad.shape[-1])
+
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        weight, idx = inputs
+        ctx.save_for_backward(idx)
+        ctx.num_rows = weight.shape[0]
+
+    def grad(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (idx,) = ctx.saved_tensors
+        op = getattr(torch.ops, ns).embedding_backward
+        return op(dy.contiguous(), idx, ctx.num_rows), None
 
     torch.library.register_autograd(forward, grad, setup_context=setup_context)

@@ -488,6 +488,24 @@ def _own_tensor(module: nn.Module | None, name: str) -> torch.Tensor | None:
     return found if found is not None else module._buffers.get(name)
 
 
+def _lookup(table: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+    """table(idx); under torch.compile on a CPU through `kernels.embedding` where the table
+    is a plain nn.Embedding without hooks, so that the backward pass adds rows with ATen
+    instead of inductor's atomics (kernels.embedding says why)."""
+    if (
+        torch.compiler.is_compiling()
+        and idx.device.type == "cpu"
+        and type(table) is nn.Embedding
+        and table.padding_idx is None
+        and table.max_norm is None
+        and not (table.scale_grad_by_freq or table.sparse)
+        and not _has_hooks(table)
+        and kernels.training_namespace() is not None
+    ):
+        return kernels.embedding(table.weight, idx)
+    return table(idx)
+
+
 def _has_hooks(root: nn.Module) -> bool:
     """True if a forward hook or forward pre-hook would run for `root` or a module below it
     (its own, or one registered for every module)."""
@@ -685,11 +703,11 @@ class GPT(nn.Module):
         start = 0 if kv_cache is None else kv_cache.pos
         self._check_room(kv_cache, start + T)
         # 1. token embedding plus position vector
-        x = self.wte(idx)  # (B, T, C)
+        x = _lookup(self.wte, idx)  # (B, T, C)
         if self.config.embed_scale:
             x = x * math.sqrt(self.config.d_model)
         if self.config.positional == "learned":
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + _lookup(self.wpe, torch.arange(start, start + T, device=idx.device))
         else:
             x = x + self.pe[start : start + T].to(x.dtype)
         x = self.drop(x)

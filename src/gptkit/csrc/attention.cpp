@@ -8,10 +8,16 @@
 // outputs straight into (B, T, C): no transposes, no copies. Products go through a
 // register-tiled kernel (4 rows x 2 vectors) over the causal tiles only.
 //
+// The scores are kept transposed, a row per key and a column per query, so that the
+// softmax over keys runs down the columns: W queries per vector, plain vector max, exp and
+// sums across rows, no reduction inside a vector. (Kept the other way round, every row
+// paid two horizontal reductions, a division and a log for a row of 1-4 vectors: the
+// forward pass ran 1.2x slower, the backward 1.1x.)
+//
 // attention_forward(qkv, n_head) -> (y, lse)
 //   qkv  (B, T, 3C) float32, [q | k | v] along the last dimension, heads of D = C / n_head
 //   y    (B, T, C)  softmax(q k^T / sqrt(D), causal) v, heads concatenated
-//   lse  (B, H, T)  each score row's log-sum-exp, kept for the backward pass
+//   lse  (B, H, T)  each query's log-sum-exp of its scores, kept for the backward pass
 // attention_backward(dy, qkv, y, lse, n_head) -> dqkv (B, T, 3C)
 //   recomputes the probabilities from lse (P = exp(S - lse)), then
 //   dS = P (dY V^T - rowsum(dY * Y)), dQ = dS K / sqrt(D), dK = dS^T Q / sqrt(D), dV = P^T dY.
@@ -44,12 +50,12 @@ inline int64_t round_up(int64_t n) { return (n + W - 1) / W * W; }
 using namespace gptkit_simd;  // the product kernel's plain vector registers (simd.h)
 static_assert(kWidth == W, "Vectorized<float> and simd.h's Vec differ in width");
 
-// C[r, (0, NV W)) = alpha sum_{k0 <= k < k1} A[r, k] B[k, (0, NV W)] for r < R: R x NV
-// accumulators in registers, one broadcast of A and NV loads of B per k. With TA, A is
-// stored transposed (A[k, r]).
+// C[r, (0, NV W)) = sum_{k0 <= k < k1} A[r, k] B[k, (0, NV W)] times alpha, or times
+// row_scale[r] where given, for r < R: R x NV accumulators in registers, one broadcast of A
+// and NV loads of B per k. With TA, A is stored transposed (A[k, r]).
 template <int R, int NV, bool TA>
 inline void tile(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-                 int64_t k0, int64_t k1, float alpha) {
+                 int64_t k0, int64_t k1, float alpha, const float* row_scale) {
   Vec acc[R][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -66,91 +72,104 @@ inline void tile(const float* A, int64_t lda, const float* B, int64_t ldb, float
       for (int v = 0; v < NV; ++v) acc[r][v] = vfma(a, b[v], acc[r][v]);
     }
   }
-  const Vec scale = vset(alpha);
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
+  for (int r = 0; r < R; ++r) {
+    const Vec scale = vset(row_scale ? row_scale[r] : alpha);
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) vstore(C + r * ldc + v * W, vmul(acc[r][v], scale));
+  }
 }
 
 template <int R, bool TA>
 inline void tile_row(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-                     int64_t k0, int64_t k1, int64_t N, float alpha) {
-  int64_t n = 0;
-  for (; n + 2 * W <= N; n += 2 * W) tile<R, 2, TA>(A, lda, B + n, ldb, C + n, ldc, k0, k1, alpha);
-  if (n < N) tile<R, 1, TA>(A, lda, B + n, ldb, C + n, ldc, k0, k1, alpha);
+                     int64_t k0, int64_t k1, int64_t n0, int64_t n1, float alpha,
+                     const float* row_scale) {
+  int64_t n = n0;
+  for (; n + 2 * W <= n1; n += 2 * W)
+    tile<R, 2, TA>(A, lda, B + n, ldb, C + n, ldc, k0, k1, alpha, row_scale);
+  if (n < n1) tile<R, 1, TA>(A, lda, B + n, ldb, C + n, ldc, k0, k1, alpha, row_scale);
 }
 
-// C = alpha A B for rows [0, M) in tiles of 4; tile at row r uses k in [klo(r), khi(r)) and
-// writes columns [0, ncols(r)) (multiples of W). Row-major, all N/ld padded to W.
-template <bool TA = false, class KLo, class KHi, class NCols>
+// C = A B for rows [0, M) in tiles of 4, times alpha or row_scale[row]. The tile at row r
+// sums over k in [klo(r), khi(r, rows)) and writes columns [nlo(r), nhi) (nlo a multiple
+// of W). Row-major, every column count and leading dimension a multiple of W.
+template <bool TA = false, class KLo, class KHi, class NLo>
 void gemm(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-          int64_t M, KLo klo, KHi khi, NCols ncols, float alpha) {
+          int64_t M, KLo klo, KHi khi, NLo nlo, int64_t nhi, float alpha,
+          const float* row_scale = nullptr) {
   for (int64_t r = 0; r < M; r += 4) {
     const int64_t rows = std::min<int64_t>(4, M - r);
     const float* a = TA ? A + r : A + r * lda;
     float* c = C + r * ldc;
-    const int64_t k0 = klo(r), k1 = khi(r, rows), n = ncols(r, rows);
+    const float* rs = row_scale ? row_scale + r : nullptr;
+    const int64_t k0 = klo(r), k1 = khi(r, rows), n0 = nlo(r);
     switch (rows) {
-      case 4: tile_row<4, TA>(a, lda, B, ldb, c, ldc, k0, k1, n, alpha); break;
-      case 3: tile_row<3, TA>(a, lda, B, ldb, c, ldc, k0, k1, n, alpha); break;
-      case 2: tile_row<2, TA>(a, lda, B, ldb, c, ldc, k0, k1, n, alpha); break;
-      default: tile_row<1, TA>(a, lda, B, ldb, c, ldc, k0, k1, n, alpha); break;
+      case 4: tile_row<4, TA>(a, lda, B, ldb, c, ldc, k0, k1, n0, nhi, alpha, rs); break;
+      case 3: tile_row<3, TA>(a, lda, B, ldb, c, ldc, k0, k1, n0, nhi, alpha, rs); break;
+      case 2: tile_row<2, TA>(a, lda, B, ldb, c, ldc, k0, k1, n0, nhi, alpha, rs); break;
+      default: tile_row<1, TA>(a, lda, B, ldb, c, ldc, k0, k1, n0, nhi, alpha, rs); break;
     }
   }
 }
 
-// Tiles that start at k = 0.
+// The bounds the products below use: from 0, from the tile's own row, up to T, up to
+// (and including) the tile's last row, and the first column of the vector holding row r.
 const auto zero = [](int64_t) { return int64_t(0); };
+const auto same = [](int64_t r) { return r; };
+inline auto upto(int64_t n) { return [n](int64_t, int64_t) { return n; }; }
+inline auto through(int64_t T) {
+  return [T](int64_t r, int64_t rows) { return std::min(r + rows, T); };
+}
+const auto diagonal = [](int64_t r) { return r / W * W; };
 
-// k^T of one head (D x Tp, zero past T): the B operand of q k^T and of dY v^T.
-inline void transpose(const float* k0, int64_t stride, int64_t T, int64_t D, int64_t Tp, float* kt) {
-  // Gathers down the columns, W positions per instruction: the scalar loop it replaced was
-  // the hottest code of the forward pass in a perf profile.
-  using VI = at::vec::Vectorized<int32_t>;
-  int32_t offsets[W];
-  for (int64_t t = 0; t < W; ++t) offsets[t] = int32_t(t * stride);
-  const VI index = VI::loadu(offsets);
+// x^T of one head (D x Tp, zero past T), x read with row stride `stride`: the B operand of
+// k q^T and v dy^T.
+inline void transpose(const float* x0, int64_t stride, int64_t T, int64_t D, int64_t Tp, float* xt) {
+  // W x W blocks transposed in registers (ATen's shuffle network, which inductor's kernels
+  // use too). Gathers down the columns, before, were 10-16% of a call in perf profiles.
   int64_t t0 = 0;
   for (; t0 + W <= T; t0 += W)
-    for (int64_t d = 0; d < D; ++d)
-      at::vec::gather<sizeof(float)>(k0 + t0 * stride + d, index).store(kt + d * Tp + t0);
-  for (int64_t d = 0; d < D; ++d)
-    for (int64_t t = t0; t < T; ++t) kt[d * Tp + t] = k0[t * stride + d];
+    for (int64_t d = 0; d < D; d += W)
+      at::vec::transpose_mxn<float, W, W>(x0 + t0 * stride + d, stride, xt + d * Tp + t0, Tp);
+  for (int64_t d = 0; d < D; ++d) {
+    for (int64_t t = t0; t < T; ++t) xt[d * Tp + t] = x0[t * stride + d];
+    for (int64_t t = T; t < Tp; ++t) xt[d * Tp + t] = 0.f;
+  }
 }
 
-// s = scale q k^T on the causal tiles of one head; row i becomes p = exp(s - m), -inf -> 0
-// past i. Forward (lse == nullptr): m is the row max, rows are normalised, lse_out written.
-// Backward: m = the saved lse, which normalises them.
-void probs(const float* q0, int64_t stride, const float* kt, int64_t T, int64_t D, int64_t Tp,
-           float scale, float* s, const float* lse, float* lse_out) {
-  gemm(q0, stride, kt, Tp, s, Tp, T, zero, [&](int64_t, int64_t) { return D; },
-       [&](int64_t r, int64_t rows) { return round_up(std::min(r + rows, T)); }, scale);
-  for (int64_t i = 0; i < T; ++i) {
-    float* row = s + i * Tp;
-    const int64_t np = round_up(std::min((i / 4 + 1) * 4, T));
-    for (int64_t j = i + 1; j < np; ++j) row[j] = kNegInf;
-    float m;
-    if (lse) {
-      m = lse[i];
-    } else {
-      V vm(kNegInf);
-      for (int64_t c = 0; c < np; c += W) vm = at::vec::maximum(vm, V::loadu(row + c));
-      m = at::vec::vec_reduce_all<float>([](V& x, V& y) { return at::vec::maximum(x, y); }, vm);
+// The scores of one head transposed, a row per key and a column per query:
+// st[j, i] = scale k_j . q_i for i >= j, computed from the vector holding column j to the
+// end of the row, -inf for the masked i < j of that vector. Keeping keys along the rows
+// makes the softmax over keys a column operation: plain vector max, exp and sum across the
+// rows, W queries at a time, with no reduction inside a vector.
+void scores(const float* k0, int64_t stride, const float* qt, int64_t T, int64_t D, int64_t Tp,
+            float scale, float* st) {
+  gemm(k0, stride, qt, Tp, st, Tp, T, zero, upto(D), diagonal, Tp, scale);
+  const V lane = V::arange(0.f, 1.f);
+  for (int64_t j = 0; j < T; ++j) {
+    float* v = st + j * Tp + diagonal(j);
+    V::blendv(V(kNegInf), V::loadu(v), lane >= V(float(j % W))).store(v);
+  }
+}
+
+// The keys that queries [c, c + W) see: rows [0, keys_seen) of their columns of st.
+inline int64_t keys_seen(int64_t c, int64_t T) { return std::min(c + W, T); }
+
+// The whole of one head's softmax, forward: st becomes exp(st - max), inv_l 1 / the sum,
+// lse max + log(sum) (T values).
+void softmax(float* st, int64_t T, int64_t Tp, float* inv_l, float* lse) {
+  for (int64_t c = 0; c < Tp; c += W) {
+    const int64_t rows = keys_seen(c, T);
+    V m(kNegInf);
+    for (int64_t j = 0; j < rows; ++j) m = at::vec::maximum(m, V::loadu(st + j * Tp + c));
+    V l(0.f);
+    for (int64_t j = 0; j < rows; ++j) {
+      const V e = (V::loadu(st + j * Tp + c) - m).exp_u20();
+      e.store(st + j * Tp + c);
+      l = l + e;
     }
-    V acc(0.f);
-    const V vm(m);
-    for (int64_t c = 0; c < np; c += W) {
-      V e = (V::loadu(row + c) - vm).exp_u20();
-      e.store(row + c);
-      acc = acc + e;
-    }
-    if (!lse) {
-      const float l = at::vec::vec_reduce_all<float>([](V& x, V& y) { return x + y; }, acc);
-      const V inv(1.f / l);
-      for (int64_t c = 0; c < np; c += W) (V::loadu(row + c) * inv).store(row + c);
-      lse_out[i] = m + std::log(l);
-    }
+    l.reciprocal().store(inv_l + c);
+    (m + l.log()).store(lse + c);  // lse is Tp long: the lanes past T are dropped later
   }
 }
 
@@ -176,15 +195,18 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& qkv_in, i
   float* lp = lse.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(float(D));
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kt(D * Tp, 0.f), s(Tp * Tp);
+    std::vector<float> qt(D * Tp), st(Tp * Tp), inv_l(Tp), lse_row(Tp);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const float* q0 = base + b * T * C3 + h * D;
-      transpose(q0 + C, C3, T, D, Tp, kt.data());
-      probs(q0, C3, kt.data(), T, D, Tp, scale, s.data(), nullptr, lp + bh * T);
-      gemm(s.data(), Tp, q0 + 2 * C, C3, yp + b * T * C + h * D, C, T, zero,
-           [&](int64_t r, int64_t rows) { return std::min(r + rows, T); },
-           [&](int64_t, int64_t) { return D; }, 1.f);
+      transpose(q0, C3, T, D, Tp, qt.data());
+      scores(q0 + C, C3, qt.data(), T, D, Tp, scale, st.data());
+      softmax(st.data(), T, Tp, inv_l.data(), lse_row.data());
+      std::copy(lse_row.begin(), lse_row.begin() + T, lp + bh * T);
+      // y_i = sum_{j <= i} p[j, i] v_j / l_i: st read transposed, the tile of queries from
+      // r reaching keys up to r + 3 (inside the vectors computed above; 0 past i).
+      gemm<true>(st.data(), Tp, q0 + 2 * C, C3, yp + b * T * C + h * D, C, T, zero, through(T),
+                 zero, D, 1.f, inv_l.data());
     }
   });
   return {y, lse};
@@ -210,42 +232,43 @@ at::Tensor attention_backward(const at::Tensor& dy_in, const at::Tensor& qkv_in,
   float* gp = dqkv.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(float(D));
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kt(D * Tp, 0.f), vt(D * Tp, 0.f), p(Tp * Tp), ds(Tp * Tp);
+    // Past T: lse 0 and rowsum 0, so the padding columns stay finite.
+    std::vector<float> qt(D * Tp), dyt(D * Tp), p(Tp * Tp), ds(Tp * Tp), lse_row(Tp, 0.f),
+        rowsum(Tp, 0.f);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const float* q0 = base + b * T * C3 + h * D;
       const float* g0 = dyp + b * T * C + h * D;
       const float* y0 = ypp + b * T * C + h * D;
       float* dq0 = gp + b * T * C3 + h * D;
-      transpose(q0 + C, C3, T, D, Tp, kt.data());
-      transpose(q0 + 2 * C, C3, T, D, Tp, vt.data());
-      probs(q0, C3, kt.data(), T, D, Tp, scale, p.data(), lp + bh * T, nullptr);
-      // dP = dY V^T on the causal tiles, then dS = P (dP - rowsum(dY * Y)): 0 past i.
-      gemm(g0, C, vt.data(), Tp, ds.data(), Tp, T, zero, [&](int64_t, int64_t) { return D; },
-           [&](int64_t r, int64_t rows) { return round_up(std::min(r + rows, T)); }, 1.f);
-      for (int64_t i = 0; i < T; ++i) {
+      transpose(q0, C3, T, D, Tp, qt.data());
+      transpose(g0, C, T, D, Tp, dyt.data());
+      std::copy(lp + bh * T, lp + bh * T + T, lse_row.begin());
+      for (int64_t i = 0; i < T; ++i) {  // rowsum(dY * Y), one value per query
         V acc(0.f);
         for (int64_t d = 0; d < D; d += W)
           acc = at::vec::fmadd(V::loadu(g0 + i * C + d), V::loadu(y0 + i * C + d), acc);
-        const V vD(at::vec::vec_reduce_all<float>([](V& x, V& y) { return x + y; }, acc));
-        const int64_t np = round_up(std::min((i / 4 + 1) * 4, T));
-        float* row = ds.data() + i * Tp;
-        const float* pr = p.data() + i * Tp;
-        for (int64_t c = 0; c < np; c += W)
-          (V::loadu(pr + c) * (V::loadu(row + c) - vD)).store(row + c);
-        for (int64_t j = np; j < Tp; ++j) row[j] = 0.f;  // read as dS^T below
-        for (int64_t j = np; j < Tp; ++j) p[i * Tp + j] = 0.f;
+        rowsum[i] = at::vec::vec_reduce_all<float>([](V& x, V& y) { return x + y; }, acc);
       }
-      // dQ = scale dS K
-      gemm(ds.data(), Tp, q0 + C, C3, dq0, C3, T, zero,
-           [&](int64_t r, int64_t rows) { return std::min(r + rows, T); },
-           [&](int64_t, int64_t) { return D; }, scale);
-      // dK = scale dS^T Q, dV = P^T dY: key row j sums over the queries i >= j.
-      auto from = [](int64_t r) { return r; };
-      auto to = [&](int64_t, int64_t) { return T; };
-      auto width = [&](int64_t, int64_t) { return D; };
-      gemm<true>(ds.data(), Tp, q0, C3, dq0 + C, C3, T, from, to, width, scale);
-      gemm<true>(p.data(), Tp, g0, C, dq0 + 2 * C, C3, T, from, to, width, 1.f);
+      // P^T recomputed from lse; dP^T = V dY^T on the same causal tiles; then
+      // dS^T = P^T (dP^T - rowsum), column by column.
+      scores(q0 + C, C3, qt.data(), T, D, Tp, scale, p.data());
+      gemm(q0 + 2 * C, C3, dyt.data(), Tp, ds.data(), Tp, T, zero, upto(D), diagonal, Tp, 1.f);
+      for (int64_t c = 0; c < Tp; c += W) {
+        const V m = V::loadu(lse_row.data() + c), dsum = V::loadu(rowsum.data() + c);
+        for (int64_t j = 0, rows = keys_seen(c, T); j < rows; ++j) {
+          float* pj = p.data() + j * Tp + c;
+          float* dj = ds.data() + j * Tp + c;
+          const V e = (V::loadu(pj) - m).exp_u20();
+          e.store(pj);
+          (e * (V::loadu(dj) - dsum)).store(dj);
+        }
+      }
+      // dQ = scale dS K: query i sums over keys j <= i (dS^T read transposed).
+      gemm<true>(ds.data(), Tp, q0 + C, C3, dq0, C3, T, zero, through(T), zero, D, scale);
+      // dK = scale dS^T Q, dV = P^T dY: key j sums over queries i >= j.
+      gemm(ds.data(), Tp, q0, C3, dq0 + C, C3, T, same, upto(T), zero, D, scale);
+      gemm(p.data(), Tp, g0, C, dq0 + 2 * C, C3, T, same, upto(T), zero, D, 1.f);
     }
   });
   return dqkv;
