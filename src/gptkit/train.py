@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptkit import checkpoint as ckpt
-from gptkit import distributed, malloc
+from gptkit import distributed, malloc, optim
 from gptkit.config import GPTConfig, TrainConfig
 from gptkit.errors import GptkitError
 from gptkit.metrics import METRICS_FILE, MetricsLog, plot_losses
@@ -286,8 +286,8 @@ def train_step(run: Run, lr: float) -> torch.Tensor:
         total += loss.detach()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    optim.step(run.optimizer)
+    optim.zero_grad(run.optimizer)
     run.tokens_seen += cfg.grad_accum * cfg.batch_size * T * world
     return total
 
