@@ -124,8 +124,11 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_backward(const at::Tensor& dy_in,
           const V u = V::loadu(hr + n) + V::loadu(bp + n);
           const V e = exp_minus_2z(u), s = reciprocal(V(1.f) + e);
           // d/du [u s(u)] = s + u s (1 - s) d(2z)/du, with 1 - s = e s: exactly 0 where e
-          // is (s's own rounding, times u d(2z)/du ~ 1e6 at u = 200, would not be).
-          const V d = V::loadu(gr + n) * (s + u * s * s * e * dz2_du(u));
+          // is (s's own rounding, times u d(2z)/du ~ 1e6 at u = 200, would not be). s e is
+          // taken first: for u below about -9, s s underflows (s ~ 1e-35), and every
+          // underflowing product costs a microcode assist, which made this pass 3.4x
+          // slower on activations that were mostly negative.
+          const V d = V::loadu(gr + n) * (s + u * s * (s * e) * dz2_du(u));
           d.store(dr + n);
           (V::loadu(sum + n) + d).store(sum + n);
         }
@@ -133,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_backward(const at::Tensor& dy_in,
           const float u = hr[n] + bp[n];
           const float e = std::exp(std::min(-u * (kTwoZ + kTwoZ * kCube * u * u), 80.f));
           const float s = 1.f / (1.f + e);
-          const float d = gr[n] * (s + u * s * s * e * dz2_du(u));
+          const float d = gr[n] * (s + u * s * (s * e) * dz2_du(u));
           dr[n] = d;
           sum[n] += d;
         }
