@@ -307,7 +307,8 @@ def test_embedding_refuses_an_index_out_of_range():
 def test_compiled_model_looks_embeddings_up_through_the_kernel(monkeypatch):
     """Guards model._lookup: compiled on a CPU, a gpt2-family model reads wte and wpe
     through kernels.embedding (so the backward pass avoids inductor's atomics) with the same
-    loss and gradients as eager; eager, or with a hook on wte, it calls the modules."""
+    loss and gradients as eager; eager, in bf16, with int32 ids or with a hook on wte, it
+    calls the modules."""
     calls: list[int] = []
     real = kernels.embedding
     monkeypatch.setattr(kernels, "embedding", lambda w, i: calls.append(w.shape[0]) or real(w, i))
@@ -329,6 +330,14 @@ def test_compiled_model_looks_embeddings_up_through_the_kernel(monkeypatch):
 
     torch._dynamo.reset()
     calls.clear()
+    bf16 = GPT(cfg).to(torch.bfloat16)  # the op takes fp32 tables and int64 ids only
+    assert torch.compile(bf16)(idx).dtype == torch.bfloat16 and calls == []
+    torch._dynamo.reset()
+    torch.compile(model)(idx.int())
+    assert calls == [16]  # wte's ids are int32; wpe's positions are int64
+    calls.clear()
+
+    torch._dynamo.reset()
     seen: list[torch.Size] = []
     model.wte.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     torch.compile(model)(idx)

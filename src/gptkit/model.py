@@ -490,12 +490,14 @@ def _own_tensor(module: nn.Module | None, name: str) -> torch.Tensor | None:
 
 def _lookup(table: nn.Module, idx: torch.Tensor) -> torch.Tensor:
     """table(idx); under torch.compile on a CPU through `kernels.embedding` where the table
-    is a plain nn.Embedding without hooks, so that the backward pass adds rows with ATen
-    instead of inductor's atomics (kernels.embedding says why)."""
+    is a plain fp32 nn.Embedding without hooks and idx int64, so that the backward pass adds
+    rows with plain vector adds instead of inductor's atomics (kernels.embedding says why)."""
     if (
         torch.compiler.is_compiling()
         and idx.device.type == "cpu"
+        and idx.dtype == torch.int64
         and type(table) is nn.Embedding
+        and table.weight.dtype == torch.float32
         and table.padding_idx is None
         and table.max_norm is None
         and not (table.scale_grad_by_freq or table.sparse)
