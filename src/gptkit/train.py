@@ -129,7 +129,7 @@ def compile_options(device: torch.device, env: distributed.DistEnv) -> dict[str,
 
     inductor calls a compiled graph's kernels from generated Python by default; its
     `cpp_wrapper` generates that caller in C++. For the Shakespeare benchmark's model on
-    the 2-core dev machine: 1.031x per step (median of 100 alternating rounds), and the
+    the 2-core dev machine: 1.048x per step (median of 100 alternating rounds), and the
     first step's compilation 49 s against 44 s with an empty cache, 3.3 s against 4.4 s
     with a warm one. Distributed runs keep the default wrapper.
     """
