@@ -75,3 +75,36 @@ def test_training_baseline_is_the_same_model_in_plain_pytorch():
     idx = torch.randint(0, 65, (3, bench.MODEL["context_length"]))
     torch.testing.assert_close(plain(idx), ours(idx), atol=1e-5, rtol=1e-5)
     assert sum(p.numel() for p in plain.parameters()) == ours.num_parameters()
+
+
+def test_products_floor_runs_exactly_the_plain_steps_products():
+    """train_shakespeare.py's `Products` (the floor it reports under both steps) issues the
+    same matrix products as a real forward + backward of the plain model: the same ops on
+    the same operand shapes and layouts, counted with a dispatch mode."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    bench = load_script("train_shakespeare")
+
+    class Products(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in ("mm", "addmm"):
+                mats = args[-2:]
+                self.calls.append((name, *((tuple(m.shape), m.stride()) for m in mats)))
+            return func(*args, **(kwargs or {}))
+
+    B, T = 2, bench.MODEL["context_length"]
+    model = bench.PlainGPT(65)
+    idx = torch.randint(0, 65, (B, T))
+    with Products() as real:
+        F.cross_entropy(model(idx).view(-1, 65), idx.view(-1)).backward()
+    with Products() as floor:
+        bench.Products(model, B * T).step(0)
+    assert len(real.calls) == 3 * 17
+    assert sorted(floor.calls) == sorted(real.calls)
