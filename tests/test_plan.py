@@ -9,7 +9,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from gptkit.cli import main
 from gptkit.config import GPTConfig
 from gptkit.errors import GptkitError
-from gptkit.model import GPT
+from gptkit.model import GPT, MLP
 from gptkit.plan import (
     activation_bytes,
     block_params,
@@ -69,10 +69,14 @@ def measured_training_bytes(config: GPTConfig, batch: int) -> tuple[int, int]:
     return activations, weights + grads + states + activations
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("family", ["gpt2", "seed-tiny"])
-def test_memory_estimate_matches_what_a_training_step_allocates(family):
+def test_memory_estimate_matches_what_a_training_step_allocates(family, native, monkeypatch):
     """Guards the memory model: within 10% of the tensors a real fp32 step holds (pre-LN
-    GPT-2 and post-LN seed blocks), activations alone within 10% too."""
+    GPT-2 and post-LN seed blocks), activations alone within 10% too; with the CPU's
+    native bias + activation kernels and with ATen's activations (as on a GPU)."""
+    if not native:
+        monkeypatch.setattr(MLP, "_native_fits", lambda self, x: False)
     config = GPTConfig.from_preset(
         family, vocab_size=512, context_length=128, n_layer=4, n_head=4, d_model=128
     )

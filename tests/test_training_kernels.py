@@ -1,6 +1,7 @@
 """The native training ops against float64 references, for every ISA they are built for
 here: causal attention (`csrc/attention.cpp`) against the explicit formula, bias + GELU
-(`csrc/gelu.cpp`) against ATen's tanh GELU; and the model's routing to them."""
+and bias + leaky ReLU (`csrc/activation.cpp`) against ATen's; and the model's routing to
+them."""
 
 from __future__ import annotations
 
@@ -209,11 +210,15 @@ def test_bias_gradient_does_not_depend_on_the_thread_count():
     blocks of rows in a fixed order, so 1 and 2 threads give the same bits."""
     h, b, dy = torch.randn(300, 40), torch.randn(40), torch.randn(300, 40)
     ops = kernels.library()
-    torch.set_num_threads(1)
-    one = ops.bias_gelu_backward(dy, h, b)
-    torch.set_num_threads(2)
-    two = ops.bias_gelu_backward(dy, h, b)
-    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    for backward in (
+        lambda: ops.bias_gelu_backward(dy, h, b),
+        lambda: ops.bias_leaky_relu_backward(dy, h, 0.01),
+    ):
+        torch.set_num_threads(1)
+        one = backward()
+        torch.set_num_threads(2)
+        two = backward()
+        assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 
 def test_bias_gelu_is_differentiable_eager_and_compiled():
@@ -226,6 +231,104 @@ def test_bias_gelu_is_differentiable_eager_and_compiled():
         torch.testing.assert_close(y.double().view(12, 48), y_ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(h.grad.double(), dh_ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(b.grad.double(), db_ref, atol=1e-4, rtol=1e-5)
+
+
+def _leaky_case(M: int, N: int) -> tuple[torch.Tensor, ...]:
+    """h (M, N), b (N,) and dy in float32, with u = h + b exactly 0 in a few places (the
+    derivative's one ambiguous point: ATen takes the slope there)."""
+    h, b, dy = torch.randn(M, N), torch.randn(N), torch.randn(M, N)
+    h[0, : min(N, 3)] = -b[: min(N, 3)]
+    return h, b, dy
+
+
+@pytest.mark.parametrize("isa", list(kernels.ISA_FLAGS))
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("slope", [0.01, 0.0, 0.3])
+def test_bias_leaky_relu_matches_aten(isa, threads, slope):
+    """Guards the leaky ReLU with its bias against ATen's on the same float32 inputs:
+    the output and the input gradient bit for bit (one add, one multiply, the same
+    choice at u = 0), the bias gradient up to the order of its sums; the vector tail
+    (N not a multiple of the width) and rows not a multiple of the bias-sum blocks."""
+    if isa not in kernels.runnable_isas():
+        pytest.skip(f"this CPU cannot run the {isa} build")
+    ops = kernels.library(isa)
+    torch.set_num_threads(threads)  # the autouse fixture restores it
+    for M, N in [(1, 5), (3, 16), (70, 37), (130, 512)]:
+        h, b, dy = _leaky_case(M, N)
+        hr, br = h.clone().requires_grad_(), b.clone().requires_grad_()
+        ref = F.leaky_relu(hr + br, slope)
+        ref.backward(dy)
+        y = ops.bias_leaky_relu_forward(h, b, slope)
+        assert torch.equal(y, ref)
+        dh, db = ops.bias_leaky_relu_backward(dy, y, slope)
+        assert torch.equal(dh, hr.grad)
+        torch.testing.assert_close(db, br.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_bias_leaky_relu_refuses_a_negative_slope():
+    """Its backward pass reads the output's sign, which a negative slope would flip."""
+    ops = kernels.library()
+    h, b, dy = _leaky_case(4, 8)
+    with pytest.raises(RuntimeError, match="slope must be >= 0"):
+        ops.bias_leaky_relu_forward(h, b, -0.1)
+    with pytest.raises(RuntimeError, match="slope must be >= 0"):
+        ops.bias_leaky_relu_backward(dy, h, -0.1)
+
+
+def test_bias_leaky_relu_is_differentiable_eager_and_compiled():
+    """Guards the autograd and fake-tensor registrations of bias_leaky_relu (the
+    backward pass keeps only the output)."""
+    h0, b0, dy = _leaky_case(12, 48)
+    hr, br = h0.clone().requires_grad_(), b0.clone().requires_grad_()
+    F.leaky_relu(hr + br, 0.01).backward(dy)
+    fns = (kernels.bias_leaky_relu, torch.compile(kernels.bias_leaky_relu, fullgraph=True))
+    for fn in fns:
+        h, b = h0.clone().requires_grad_(), b0.clone().requires_grad_()
+        y = fn(h.view(3, 4, 48), b, 0.01)
+        y.backward(dy.view(3, 4, 48))
+        torch.testing.assert_close(y.view(12, 48), F.leaky_relu(h0 + b0, 0.01))
+        torch.testing.assert_close(h.grad, hr.grad)
+        torch.testing.assert_close(b.grad, br.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "activation, slope, native",
+    [("leaky_relu", 0.01, True), ("relu", 0.01, True), ("leaky_relu", -0.1, False)],
+)
+def test_mlp_uses_bias_leaky_relu_where_it_applies(monkeypatch, activation, slope, native):
+    """Guards MLP's routing for the spec's rectifiers: the leaky ReLU (ReLU at slope 0)
+    goes through the kernel with the output and gradients of Linear + ATen's; a negative
+    slope, which the kernel refuses, does not."""
+    calls: list[float] = []
+    real = kernels.bias_leaky_relu
+    monkeypatch.setattr(
+        kernels, "bias_leaky_relu", lambda h, b, s: calls.append(s) or real(h, b, s)
+    )
+    cfg = GPTConfig.from_preset(
+        "seed-tiny",
+        vocab_size=50,
+        n_layer=1,
+        n_head=2,
+        d_model=32,
+        activation=activation,
+        leaky_slope=slope,
+    )
+    mlp = MLP(cfg)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    out = mlp(x)
+    out.square().sum().backward()
+    assert calls == ([slope if activation == "leaky_relu" else 0.0] if native else [])
+    grads = [x.grad.clone()] + [p.grad.clone() for p in mlp.parameters()]
+
+    x.grad = None
+    mlp.zero_grad()
+    h = mlp.c_fc(x)
+    h = F.leaky_relu(h, slope) if activation == "leaky_relu" else F.relu(h)
+    ref = mlp.c_proj(h)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    for g, r in zip(grads, [x.grad] + [p.grad for p in mlp.parameters()], strict=True):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
 
 
 def test_mlp_uses_bias_gelu_where_it_applies(monkeypatch):
@@ -271,6 +374,24 @@ def test_mlp_keeps_c_fc_hooks(monkeypatch):
     mlp.c_fc.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     mlp(torch.randn(2, 5, 32))
     assert seen == [(2, 5, 128)] and calls == []
+
+
+@pytest.mark.parametrize("activation", ["leaky_relu", "relu"])
+def test_rectifier_in_place_spares_what_a_c_fc_hook_holds(activation):
+    """Guards the ATen path's in-place (leaky) ReLU: with a hook on c_fc, the output the
+    hook kept still has its negative values; without one, the same result either way."""
+    cfg = GPTConfig.from_preset(
+        "seed-tiny", vocab_size=50, n_layer=1, n_head=2, d_model=32, activation=activation
+    )
+    mlp = MLP(cfg)
+    mlp._native_fits = lambda x: False  # the path a GPU or bf16 autocast takes
+    x = torch.randn(2, 5, 32)
+    plain = mlp(x)
+    kept: list[torch.Tensor] = []
+    mlp.c_fc.register_forward_hook(lambda module, args, out: kept.append(out))
+    hooked = mlp(x)
+    assert torch.equal(kept[0], mlp.c_fc(x)) and (kept[0] < 0).any()
+    torch.testing.assert_close(hooked, plain)
 
 
 @pytest.mark.parametrize("isa", list(kernels.ISA_FLAGS))

@@ -22,8 +22,9 @@ holds two ops:
 Three more serve training on a CPU, forward and backward, with autograd registered:
 `csrc/attention.cpp` is causal self-attention (`causal_attention`: q, k, v read in place
 from the fused projection, no transposes; forward + backward 1.4-1.5x ATen's flash kernel
-for the short sequences of a CPU-sized model), `csrc/gelu.cpp` GPT-2's GELU with the bias
-of the product before it (`bias_gelu`: one pass each way, the bias gradient included),
+for the short sequences of a CPU-sized model), `csrc/activation.cpp` the feed-forward's
+activation with the bias of the product before it (`bias_gelu`, GPT-2's GELU, and
+`bias_leaky_relu`, the spec's leaky ReLU: one pass each way, the bias gradient included),
 `csrc/embedding.cpp` the embedding lookup (`embedding`: a backward pass without the atomic
 adds inductor would write).
 
@@ -50,7 +51,7 @@ import torch
 
 SOURCES = [
     Path(__file__).parent / "csrc" / name
-    for name in ("decode.cpp", "attention.cpp", "gelu.cpp", "embedding.cpp")
+    for name in ("decode.cpp", "attention.cpp", "activation.cpp", "embedding.cpp")
 ]
 # Compiler flags per ATen CPU capability (`torch.backends.cpu.get_cpu_capability()`).
 # CPU_CAPABILITY picks the matching implementation of ATen's Vectorized<float> headers.
@@ -163,8 +164,8 @@ def build_directory(name: str) -> Path:
 
 @torch.compiler.assume_constant_result
 def training_namespace() -> str | None:
-    """The op namespace of this CPU's build, its training ops (attention, bias + GELU)
-    registered with autograd, or None where the kernels are unavailable. A constant to
+    """The op namespace of this CPU's build, its training ops (attention, bias + activation,
+    embedding) registered with autograd, or None where the kernels are unavailable. A constant to
     torch.compile, which then calls the ops inside its graph."""
     return _training_namespace()
 
@@ -176,6 +177,7 @@ def _training_namespace() -> str | None:
         return None
     _register_attention(ops.name)
     _register_bias_gelu(ops.name)
+    _register_bias_leaky_relu(ops.name)
     _register_embedding(ops.name)
     return ops.name
 
@@ -194,6 +196,14 @@ def bias_gelu(h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """GPT-2's tanh GELU of h + bias, differentiable in both: h (..., N) and bias (N,)
     float32 on the CPU (h: a product without its bias). Returns h's shape."""
     return _training_ops().bias_gelu_forward(h, bias)
+
+
+def bias_leaky_relu(h: torch.Tensor, bias: torch.Tensor, slope: float) -> torch.Tensor:
+    """The leaky ReLU of h + bias (slope on the negative side, >= 0; 0 is ReLU),
+    differentiable in both: h (..., N) and bias (N,) float32 on the CPU (h: a product
+    without its bias). Returns h's shape. Its backward pass reads the output's sign, so
+    it keeps nothing but the output."""
+    return _training_ops().bias_leaky_relu_forward(h, bias, slope)
 
 
 def embedding(weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -257,6 +267,30 @@ def _register_bias_gelu(ns: str) -> None:
     def grad(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h, bias = ctx.saved_tensors
         return getattr(torch.ops, ns).bias_gelu_backward(dy.contiguous(), h, bias)
+
+    torch.library.register_autograd(forward, grad, setup_context=setup_context)
+
+
+def _register_bias_leaky_relu(ns: str) -> None:
+    """Shapes for torch.compile's tracing and the backward pass of bias_leaky_relu_forward."""
+    forward, backward = f"{ns}::bias_leaky_relu_forward", f"{ns}::bias_leaky_relu_backward"
+
+    @torch.library.register_fake(forward)
+    def _(h: torch.Tensor, bias: torch.Tensor, slope: float) -> torch.Tensor:
+        return torch.empty_like(h)
+
+    @torch.library.register_fake(backward)
+    def _(dy: torch.Tensor, y: torch.Tensor, slope: float):
+        return torch.empty_like(y), y.new_empty(y.shape[-1])
+
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.save_for_backward(output)
+        ctx.slope = inputs[2]
+
+    def grad(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        (y,) = ctx.saved_tensors
+        dh, db = getattr(torch.ops, ns).bias_leaky_relu_backward(dy.contiguous(), y, ctx.slope)
+        return dh, db, None
 
     torch.library.register_autograd(forward, grad, setup_context=setup_context)
 

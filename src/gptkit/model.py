@@ -407,28 +407,41 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, C) -> (B, T, C)."""
-        if self.activation == "gelu" and self._native_fits(x):
-            h = kernels.bias_gelu(F.linear(x, self.c_fc.weight), self.c_fc.bias)  # (B, T, F)
+        if self._native_fits(x):  # c_fc's product without its bias, then one native pass
+            h = F.linear(x, self.c_fc.weight)  # (B, T, F)
+            if self.activation == "gelu":
+                h = kernels.bias_gelu(h, self.c_fc.bias)
+            else:  # ReLU is the leaky ReLU at slope 0
+                slope = self.leaky_slope if self.activation == "leaky_relu" else 0.0
+                h = kernels.bias_leaky_relu(h, self.c_fc.bias, slope)
             return self.dropout(self.c_proj(h))
         h = self.c_fc(x)  # (B, T, F)
         if self.activation == "gelu":
             h = gelu_tanh(h)  # GPT-2's "gelu_new"
-        elif self.activation == "leaky_relu":
-            h = F.leaky_relu(h, self.leaky_slope)
         else:
-            h = F.relu(h)
+            # In place where no hook holds c_fc's output: autograd then keeps only the
+            # result (which c_proj keeps anyway), not the input too. ATen's in-place leaky
+            # ReLU needs a positive slope for that.
+            private = not _has_hooks(self.c_fc)
+            if self.activation == "leaky_relu":
+                h = F.leaky_relu(h, self.leaky_slope, inplace=private and self.leaky_slope > 0)
+            else:
+                h = F.relu(h, inplace=private)
         return self.dropout(self.c_proj(h))
 
     def _native_fits(self, x: torch.Tensor) -> bool:
-        """Whether `kernels.bias_gelu` applies c_fc's bias and the GELU: fp32 on a CPU (not
-        under bf16 autocast), c_fc a plain nn.Linear with a bias (not a quantized one) and
-        no hook on it (the fused path does not call it), and the kernels built."""
+        """Whether `kernels.bias_gelu` or `kernels.bias_leaky_relu` applies c_fc's bias and
+        the activation: fp32 on a CPU (not under bf16 autocast), c_fc a plain nn.Linear
+        with a bias (not a quantized one) and no hook on it (the fused path does not call
+        it), a leaky slope >= 0 (the kernel's backward reads the output's sign), and the
+        kernels built."""
         return (
             x.device.type == "cpu"
             and x.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
             and type(self.c_fc) is nn.Linear
             and self.c_fc.bias is not None
+            and not (self.activation == "leaky_relu" and self.leaky_slope < 0)
             and not _has_hooks(self.c_fc)
             and kernels.training_namespace() is not None
         )

@@ -114,8 +114,10 @@ def activation_bytes(
     a = 2 if dtype == "bfloat16" else 4  # bytes of an activation in the compute dtype
     # ln inputs (fp32 residual stream) 2C; ln outputs 2C (pre) or c_attn input + c_fc input
     # (post); q, k, v 3C; attention output C (fused attention returns it in (B, T, H, D)
-    # memory order, so the head merge before c_proj is a view, not a copy); MLP 2F.
-    per_layer = B * T * (2 * C * 4 + 6 * C * a + 2 * F * a)
+    # memory order, so the head merge before c_proj is a view, not a copy); MLP 2F for the
+    # GELU (its input and output), F for the (leaky) ReLU, which keeps only its output.
+    mlp = 2 * F if config.activation == "gelu" else F
+    per_layer = B * T * (2 * C * 4 + 6 * C * a + mlp * a)
     per_layer += B * T * (2 * 2 * 4 + H * 4)  # ln means and rstds, attention logsumexp
     if config.dropout > 0:
         per_layer += B * T * C * (2 + 1)  # bool masks: attention and MLP residual, plus one
