@@ -39,18 +39,20 @@ def test_rows_quantize_within_half_a_step():
 @pytest.mark.parametrize("fmt", ["bf16", "int8"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("native", [True, False])
-def test_weight_only_linear_matches_the_dequantized_matmul(fmt, bias, native, monkeypatch):
+@pytest.mark.parametrize("width", [96, 36])
+def test_weight_only_linear_matches_the_dequantized_matmul(fmt, bias, native, width, monkeypatch):
     """Guards WeightOnlyLinear on both paths against x @ dequantized W^T: the native kernel
     (few rows: fp32 activations for bf16, so tight; int8 rounds them to 16-bit fixed point,
     within 2^-16 of each row's largest) and ATen (many rows, or no kernel: bf16-rounded
-    activations, so looser)."""
+    activations, so looser). Width 36 is no multiple of 16: ATen's int8 kernel crashed on
+    such rows, so they take the dequantized weight."""
     if native and kernels.gemv_op() is None:
         pytest.skip("native kernels unavailable here")
     if not native:
         monkeypatch.setattr(kernels, "gemv_op", lambda: None)
-    linear = torch.nn.Linear(96, 40, bias=bias)
+    linear = torch.nn.Linear(width, 40, bias=bias)
     qlinear = WeightOnlyLinear.from_linear(linear, fmt)
-    for shape in [(1, 1, 96), (2, 3, 96), (3, 5, 96)]:  # 1, 6 and 15 rows
+    for shape in [(1, 1, width), (2, 3, width), (3, 5, width)]:  # 1, 6 and 15 rows
         x = torch.randn(shape)
         expected = torch.nn.functional.linear(x, qlinear.dequantized(), linear.bias)
         got = qlinear(x)

@@ -15,7 +15,9 @@ and multiplied with the input row in 16-bit fixed point, within 2^-16 of its lar
 entry, summed exactly in integers), which streams bf16 and int8 weights close to the
 memory bandwidth where ATen's kernels did not. For more rows (a
 prompt, a large batch), on a GPU, or where the kernel cannot be built it uses ATen: a bf16
-matmul of bf16-rounded activations, or `_weight_int8pack_mm`.
+matmul of bf16-rounded activations, or `_weight_int8pack_mm` (where the input width is a
+multiple of 16: with any other width ATen's kernel reads past the rows and crashes, so those
+layers multiply by the dequantized weight instead).
 
 int8 (symmetric, per output channel): each row w of a weight matrix is stored as
 round(w / s) in [-127, 127] with s = max|w| / 127, so the largest entry of every row is
@@ -52,11 +54,17 @@ def _small_matrix(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.T
     return weight.detach().to(torch.bfloat16).clone(), None
 
 
+# `_weight_int8pack_mm` (torch 2.13, CPU) handles input widths that are multiples of this
+# only: others segfault or return garbage (measured: widths 8, 24, 33, 36 and 40 fail; 16,
+# 32, 48, 64, 80 and 112 hold).
+INT8PACK_WIDTH = 16
+
+
 def _aten_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """x (M, in) fp32 @ (w * scale).T -> (M, out) fp32 with ATen's kernels (no fp32 copy of w)."""
     if w.dtype == torch.bfloat16:
         return F.linear(x.to(torch.bfloat16), w).to(x.dtype)
-    if x.device.type == "cpu":
+    if x.device.type == "cpu" and w.shape[1] % INT8PACK_WIDTH == 0:
         # ATen's int8 kernel converts in registers; its vectorized path takes bf16
         # activations and scales (fp32 activations ran ~10x slower on the dev machine).
         xb, sb = x.to(torch.bfloat16).contiguous(), scale.to(torch.bfloat16)
