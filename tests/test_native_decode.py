@@ -7,6 +7,7 @@ wherever the native one must not run (hooks, training, autograd, reference atten
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -30,6 +31,8 @@ CONFIGS = {
     ),
     # GPT-3's alternating dense and banded layers, with a band the steps run past
     "banded": tiny_config("gpt2", attention="alternating", attn_band=5),
+    # a width that is no whole number of vectors: the norms' and products' scalar tails
+    "odd-width": tiny_config("seed", d_model=36, n_head=3),
 }
 
 
@@ -234,3 +237,27 @@ def test_bad_arguments_get_messages():
     for message, changes in bad:
         with pytest.raises(RuntimeError, match=message):
             call(**changes)
+
+
+def test_decode_profile_accounts_for_the_steps(monkeypatch):
+    """Guards `decode_profile`: one step counted per call, every phase timed, the phases
+    inside the op's own time, and reset zeroing them (cpu_inference.py reads it)."""
+    op, spent = kernels.decode_step_op(), []
+
+    def timed(*args):
+        start = time.perf_counter()
+        out = op(*args)
+        spent.append(time.perf_counter() - start)
+        return out
+
+    monkeypatch.setattr(kernels, "decode_step_op", lambda: timed)
+    model = _model("gpt2")
+    idx = torch.randint(0, model.config.vocab_size, (2, 20))
+    kernels.decode_profile(reset=True)
+    _stepped_logits(model, idx, 4, KVCache(model.config, 2), native=True)
+    profile = kernels.decode_profile(reset=True)
+    assert profile["steps"] == len(spent) == 16
+    phases = [profile[name] for name in ("products", "attention", "other")]
+    assert all(seconds > 0 for seconds in phases)
+    assert 0.25 * sum(spent) < sum(phases) <= sum(spent)
+    assert kernels.decode_profile() == {"steps": 0, "products": 0, "attention": 0, "other": 0}

@@ -14,7 +14,8 @@ holds two ops:
 - `decode_step`: a whole decode step for one new token per row, token ids to logits
   (embeddings, every block's layer norms, products, KV-cache writes, attention,
   activations and residuals, the final norm, the unembedding) in one call;
-  `gptkit.model.GPT.forward` and `next_logits` use it for CPU decode steps.
+  `gptkit.model.GPT.forward` and `next_logits` use it for CPU decode steps;
+  `decode_profile` says where its time went (the products against everything else).
 
     >>> op = gemv_op()                       # None where the kernels cannot be built
     >>> y = op(x, w_int8, scale, bias)       # x (M, K) fp32, w (N, K) -> (M, N) fp32
@@ -119,6 +120,21 @@ def decode_step_op(isa: str | None = None) -> Callable[..., torch.Tensor] | None
     """The compiled `decode_step(...)` for `isa` (default: this CPU's), or None."""
     ops = library(isa)
     return None if ops is None else ops.decode_step
+
+
+def decode_profile(reset: bool = False, isa: str | None = None) -> dict[str, float] | None:
+    """Where `decode_step`'s time went since the last reset, or None without the kernels.
+
+    {"steps": calls, "products": s, "attention": s, "other": s}: seconds summed over the
+    calls, split into the matrix-vector products (their time scales with the bytes of the
+    weights), attention over the KV cache with its writes, and the rest of the op
+    (embeddings, norms, activations, residual adds, checks). `reset` zeroes the totals.
+    """
+    ops = library(isa)
+    if ops is None:
+        return None
+    steps, products, attention, other = ops.decode_profile(reset)
+    return {"steps": steps, "products": products, "attention": attention, "other": other}
 
 
 @functools.cache

@@ -34,9 +34,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -240,6 +242,62 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at
   return y;
 }
 
+// ---- where a decode step's time goes ---------------------------------------------------
+
+// decode_step adds the seconds it spends in each phase to process-wide totals, which
+// `decode_profile` reads: the matrix-vector products, whose time scales with the bytes of
+// weights, against the work that does not (attention over the cached keys and values,
+// norms, activations, embeddings). Two clock reads per phase, ~100 per step: microseconds
+// against a step of milliseconds.
+enum Phase : int64_t { kProducts = 0, kAttention = 1, kOther = 2, kPhases = 3 };
+
+class Laps {
+ public:
+  // The time since the previous lap (or since construction) goes to `phase`.
+  void lap(Phase phase) {
+    const Clock::time_point now = Clock::now();
+    seconds_[phase] += std::chrono::duration<double>(now - last_).count();
+    last_ = now;
+  }
+
+  // Adds this step's laps to the process-wide totals.
+  void commit() const {
+    Totals& t = totals();
+    std::lock_guard<std::mutex> lock(t.mutex);
+    t.steps += 1;
+    for (int64_t p = 0; p < kPhases; ++p) t.seconds[p] += seconds_[p];
+  }
+
+  struct Totals {
+    std::mutex mutex;
+    int64_t steps = 0;
+    double seconds[kPhases] = {};
+  };
+  static Totals& totals() {
+    static Totals t;
+    return t;
+  }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  Clock::time_point last_ = Clock::now();
+  double seconds_[kPhases] = {};
+};
+
+// [steps, products, attention, other]: decode steps and seconds per phase since the last
+// reset, summed over every thread that called decode_step; `reset` zeroes them after.
+std::vector<double> decode_profile(bool reset) {
+  Laps::Totals& t = Laps::totals();
+  std::lock_guard<std::mutex> lock(t.mutex);
+  std::vector<double> out = {double(t.steps), t.seconds[kProducts], t.seconds[kAttention],
+                             t.seconds[kOther]};
+  if (reset) {
+    t.steps = 0;
+    std::fill(t.seconds, t.seconds + kPhases, 0.0);
+  }
+  return out;
+}
+
 // ---- the fused block -------------------------------------------------------------------
 
 float dot(const float* a, const float* b, int64_t n) {
@@ -251,25 +309,51 @@ float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// y = LN(x) * gain + bias per row of C; the statistics in double (x and y may alias).
+using FVec = at::vec::Vectorized<float>;  // ATen's vector type, for its exp and tanh
+
+float lane_sum(FVec v) {
+  float lanes[FVec::size()];
+  v.store(lanes);
+  float total = 0.0f;
+  for (float lane : lanes) total += lane;
+  return total;
+}
+
+// y = LN(x) * gain + bias per row of C, vectorized (x and y may alias). Two passes for the
+// statistics: the mean, then the squares of the deviations from it.
 void layer_norm(const float* x, const float* gain, const float* bias, double eps, int64_t M,
                 int64_t C, float* y) {
+  constexpr int64_t W = FVec::size();
   for (int64_t m = 0; m < M; ++m, x += C, y += C) {
-    double mean = 0.0, var = 0.0;
-    for (int64_t c = 0; c < C; ++c) mean += x[c];
-    mean /= double(C);
-    for (int64_t c = 0; c < C; ++c) var += (x[c] - mean) * (x[c] - mean);
-    const double rstd = 1.0 / std::sqrt(var / double(C) + eps);
-    for (int64_t c = 0; c < C; ++c) {
-      const float v = float((x[c] - mean) * rstd) * gain[c];
+    FVec sums(0.0f);
+    int64_t c = 0;
+    for (; c + W <= C; c += W) sums = sums + FVec::loadu(x + c);
+    float total = lane_sum(sums);
+    for (; c < C; ++c) total += x[c];
+    const float mean = total / float(C);
+    const FVec vmean(mean);
+    FVec squares(0.0f);
+    for (c = 0; c + W <= C; c += W) {
+      const FVec d = FVec::loadu(x + c) - vmean;
+      squares = squares + d * d;
+    }
+    float var = lane_sum(squares);
+    for (; c < C; ++c) var += (x[c] - mean) * (x[c] - mean);
+    const float rstd = float(1.0 / std::sqrt(double(var) / double(C) + eps));
+    const FVec vrstd(rstd);
+    for (c = 0; c + W <= C; c += W) {
+      FVec v = (FVec::loadu(x + c) - vmean) * vrstd * FVec::loadu(gain + c);
+      if (bias) v = v + FVec::loadu(bias + c);
+      v.store(y + c);
+    }
+    for (; c < C; ++c) {
+      const float v = (x[c] - mean) * rstd * gain[c];
       y[c] = bias ? v + bias[c] : v;
     }
   }
 }
 
 enum Activation : int64_t { kGeluTanh = 0, kRelu = 1, kLeakyRelu = 2 };
-
-using FVec = at::vec::Vectorized<float>;  // ATen's vector type, for its exp and tanh
 
 // GPT-2's GELU, 0.5 v (1 + tanh(sqrt(2/pi) (v + 0.044715 v^3))), as ATen's own kernel
 // computes it (a scalar std::tanh per value cost ~0.15 ms per gpt2 block).
@@ -304,10 +388,7 @@ float exp_shifted(float* w, int64_t n, float top) {
     e.store(w + i);
     sums = sums + e;
   }
-  float lanes[FVec::size()];
-  sums.store(lanes);
-  float total = 0.0f;
-  for (float lane : lanes) total += lane;
+  float total = lane_sum(sums);
   for (; i < n; ++i) total += (w[i] = std::exp(w[i] - top));
   return total;
 }
@@ -407,14 +488,16 @@ void attend(const float* qkv, const float* kc, const float* vc, const int64_t* p
 // The new keys and values go to position p[m] of cache row m first.
 void block_step(const Block& blk, float* r, float* kc, float* vc, const int64_t* p, int64_t M,
                 int64_t H, int64_t S, bool post_norm, int64_t activation, float slope,
-                double eps, Scratch& buf) {
+                double eps, Scratch& buf, Laps& laps) {
   const int64_t C = blk.qkv.in_features(), D = C / H, F = blk.fc.out_features();
   const float* in = r;
   if (!post_norm) {
     layer_norm(r, blk.g1, blk.b1, eps, M, C, buf.h.data());
     in = buf.h.data();
   }
+  laps.lap(kOther);
   blk.qkv(in, M, buf.qkv.data());  // (M, 3C): q | k | v, head-major within each
+  laps.lap(kProducts);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t hd = 0; hd < H; ++hd) {
       const int64_t at = ((m * H + hd) * S + p[m]) * D;
@@ -423,9 +506,11 @@ void block_step(const Block& blk, float* r, float* kc, float* vc, const int64_t*
     }
   }
   attend(buf.qkv.data(), kc, vc, p, blk.band, M, H, S, D, buf.att.data());
+  laps.lap(kAttention);  // with the cache writes
   const float* attended = buf.att.data();
   if (blk.out) {
     (*blk.out)(buf.att.data(), M, buf.a.data());
+    laps.lap(kProducts);
     attended = buf.a.data();
   }
   for (int64_t i = 0; i < M * C; ++i) r[i] += attended[i];
@@ -436,9 +521,13 @@ void block_step(const Block& blk, float* r, float* kc, float* vc, const int64_t*
     layer_norm(r, blk.g2, blk.b2, eps, M, C, buf.h.data());
     in = buf.h.data();
   }
+  laps.lap(kOther);
   blk.fc(in, M, buf.f.data());
+  laps.lap(kProducts);
   activate(buf.f.data(), M * F, activation, slope);
+  laps.lap(kOther);
   blk.proj(buf.f.data(), M, buf.a.data());
+  laps.lap(kProducts);
   for (int64_t i = 0; i < M * C; ++i) r[i] += buf.a[i];
   if (post_norm) layer_norm(r, blk.g2, blk.b2, eps, M, C, r);
 }
@@ -494,6 +583,7 @@ at::Tensor decode_step(const at::Tensor& idx, const at::Tensor& wte,
                        const std::optional<at::Tensor>& lnf_w,
                        const std::optional<at::Tensor>& lnf_b, const at::Tensor& head,
                        const std::optional<at::Tensor>& head_scale) {
+  Laps laps;
   TORCH_CHECK(idx.device().is_cpu() && idx.dim() == 1 && idx.scalar_type() == at::kLong,
               "decode_step: idx must hold one int64 token id per row");
   TORCH_CHECK(wte.device().is_cpu() && wte.dim() == 2 && wte.is_contiguous(),
@@ -551,12 +641,15 @@ at::Tensor decode_step(const at::Tensor& idx, const at::Tensor& wte,
     TORCH_CHECK(blocks[l].fc.out_features() == F, "decode_step: layers of different widths");
     block_step(blocks[l], x.data(), k_cache.data_ptr<float>() + l * per_layer,
                v_cache.data_ptr<float>() + l * per_layer, p, M, H, S, post_norm, activation,
-               float(slope), eps, buf);
+               float(slope), eps, buf, laps);
   }
   // 3. final norm (pre-LN models), then the unembedding
   if (g) layer_norm(x.data(), g, b, eps, M, C, x.data());
   at::Tensor logits = at::empty({M, unembed.out_features()}, idx.options().dtype(at::kFloat));
+  laps.lap(kOther);
   unembed(x.data(), M, logits.data_ptr<float>());
+  laps.lap(kProducts);
+  laps.commit();
   return logits;
 }
 
@@ -570,9 +663,12 @@ TORCH_LIBRARY(GPTKIT_NS, m) {
       "int n_head, bool post_norm, int activation, float slope, float eps, "
       "Tensor?[] weights, Tensor? lnf_w, Tensor? lnf_b, Tensor head, Tensor? head_scale) "
       "-> Tensor");
+  m.def("decode_profile(bool reset) -> float[]");
 }
 
 TORCH_LIBRARY_IMPL(GPTKIT_NS, CPU, m) {
   m.impl("gemv", &gemv);
   m.impl("decode_step", &decode_step);
 }
+
+TORCH_LIBRARY_IMPL(GPTKIT_NS, CatchAll, m) { m.impl("decode_profile", &decode_profile); }
