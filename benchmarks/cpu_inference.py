@@ -12,6 +12,11 @@
    kinds take turns, `--repeats`
    rounds; the table shows the median over rounds of tokens/s and of tokens/s over the
    ceiling of the moment, and each kind's speed-up over fp32 against its byte ratio.
+   Where a token's time went, per kind (medians, ms per token): the matrix-vector products
+   inside the native decode step (`kernels.decode_profile`), attention over the KV cache,
+   the rest of the op (norms, activations, embeddings), and the Python around the op
+   (sampling, the checks that pick the native path, its argument list). Only the products
+   scale with the bytes of the weights; "products x fp32" is their own speed-up.
 3. Perplexity on held-out text: a small model trained briefly on Shakespeare (characters),
    evaluated on the whole val split with each kind of weights (whole sequences: ATen's
    kernels), and again through the decode path users sample with: 64 windows of 128
@@ -37,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gptkit import kernels
 from gptkit.config import GPTConfig, TrainConfig
 from gptkit.fileio import atomic_write_json
 from gptkit.generate import generate, stream
@@ -70,15 +76,28 @@ def read_bandwidth(repeats: int = 5, gib: float = 1.0) -> float:
     return x.nbytes / best
 
 
-def decode_speed(model: GPT, new_tokens: int) -> float:
-    """Decode tokens/s of one greedy batch-1 generation after a 16-token prompt.
+PHASES = ("products", "attention", "other", "around")
+
+
+def decode_speed(model: GPT, new_tokens: int) -> tuple[float, dict[str, float]]:
+    """Decode tokens/s of one greedy batch-1 generation after a 16-token prompt, and where a
+    token's time went: seconds per token of each of PHASES (all zero without the native
+    decode step).
 
     Timed from the first new token to the last: the decode steps alone, without the
     prompt's prefill (time to first token, a different measure).
     """
     idx = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator())
+    kernels.decode_profile(reset=True)
     times = [time.perf_counter() for _ in stream(model, idx, new_tokens + 1, temperature=0)]
-    return new_tokens / (times[-1] - times[0])
+    per_token = (times[-1] - times[0]) / new_tokens
+    profile = kernels.decode_profile(reset=True)
+    phases = dict.fromkeys(PHASES, 0.0)
+    if profile and profile["steps"] == new_tokens:
+        for name in PHASES[:3]:
+            phases[name] = profile[name] / new_tokens
+        phases["around"] = per_token - sum(phases.values())
+    return 1.0 / per_token, phases
 
 
 def perplexities(text: str, steps: int) -> dict[str, Any]:
@@ -137,11 +156,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for model in models.values():
         generate(model, torch.zeros(1, 16, dtype=torch.long), 4, temperature=0)  # warm-up
     rounds: dict[str, list[tuple[float, float]]] = {w: [] for w in WEIGHTS}  # (GB/s, tok/s)
+    phases: dict[str, list[dict[str, float]]] = {w: [] for w in WEIGHTS}
     for _ in range(args.repeats):
         for w, model in models.items():
-            rounds[w].append(
-                (read_bandwidth(repeats=3) / 1e9, decode_speed(model, args.new_tokens))
-            )
+            bandwidth = read_bandwidth(repeats=3) / 1e9
+            speed, spent = decode_speed(model, args.new_tokens)
+            rounds[w].append((bandwidth, speed))
+            phases[w].append(spent)
     bandwidths = [gb for w in WEIGHTS for gb, _ in rounds[w]]
     result["read_bandwidth_gb_s"] = statistics.median(bandwidths)
     print(
@@ -162,12 +183,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "rounds_gb_s_tok_s": rounds[w],
             "tokens_per_s": speed,
             "of_ceiling": of_ceiling,
+            "ms_per_token": {p: 1e3 * statistics.median(r[p] for r in phases[w]) for p in PHASES},
         }
         speedup = speed / result["fp32"]["tokens_per_s"]
         print(
             f"{w:<8} {per_token / 1e6:9.1f} {speed:7.1f} {of_ceiling:10.0%} "
             f"{speedup:6.2f}x {fp32_bytes / per_token:12.2f}x"
         )
+    if result["fp32"]["ms_per_token"]["products"] > 0:
+        print(
+            f"ms per token: {'products':>9} {'(GB/s)':>7} {'x fp32':>7} "
+            + " ".join(f"{p:>9}" for p in PHASES[1:])
+        )
+        fp32_products = result["fp32"]["ms_per_token"]["products"]
+        for w in WEIGHTS:
+            ms = result[w]["ms_per_token"]
+            gb_s = result[w]["bytes_per_token"] / ms["products"] / 1e6
+            result[w]["products_gb_s"] = gb_s
+            print(
+                f"{w:<13} {ms['products']:9.2f} {gb_s:7.1f} {fp32_products / ms['products']:6.2f}x "
+                + " ".join(f"{ms[p]:9.2f}" for p in PHASES[1:])
+            )
     del models
     if args.train_steps:
         ppl = perplexities(args.text, args.train_steps)
