@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from gptkit import kernels
-from gptkit.quantize import quantize_rows
+from gptkit.quantize import block_rows, quantize_rows, unblock_rows
 
 
 def _weight(fmt: str, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -113,12 +113,38 @@ def test_gemv_int8_long_rows_do_not_overflow(isa):
     assert torch.allclose(got, torch.tensor([[k, -k, k, k]], dtype=torch.float32), rtol=1e-6)
 
 
+@pytest.mark.parametrize("isa", list(kernels.ISA_FLAGS))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gemv_blocked_int8_equals_the_row_major_matrix(isa, threads):
+    """Guards the blocked int8 layout: the same exact integer sums as the row-major kernel,
+    bit for bit, for a padded last group (N % 4 != 0), one chunk (K = 32), the kChunk
+    boundary (K = 4128) and 1-8 rows of x; and the layout round trip."""
+    if isa not in kernels.runnable_isas():
+        pytest.skip(f"this CPU cannot run the {isa} build")
+    op = kernels.gemv_op(isa)
+    torch.set_num_threads(threads)  # conftest restores it
+    for n, k in [(1, 32), (7, 64), (130, 768), (61, 4128)]:
+        q, scale, _ = _weight("int8", n, k)
+        blocked = block_rows(q)
+        assert blocked.shape == (-(-n // 4), k // 32, 4, 32)
+        assert torch.equal(unblock_rows(blocked, n), q)
+        bias = torch.randn(n)
+        for m in (1, 3, 8):
+            x = torch.randn(m, k)
+            assert torch.equal(op(x, blocked, scale, bias), op(x, q, scale, bias))
+
+
 def test_gemv_refuses_bad_arguments_with_a_message():
     op = kernels.gemv_op()
     if op is None:
         pytest.skip("native kernels unavailable here")
-    with pytest.raises(RuntimeError, match="columns"):
+    with pytest.raises(RuntimeError, match="matrix"):
         op(torch.randn(1, 8), torch.randn(4, 9), None, None)
+    blocked = block_rows(torch.ones(8, 64, dtype=torch.int8))  # (2, 2, 4, 32)
+    with pytest.raises(RuntimeError, match="scales"):
+        op(torch.randn(1, 64), blocked, None, None)  # blocked needs its row count
+    with pytest.raises(RuntimeError, match="groups"):
+        op(torch.randn(1, 64), blocked, torch.ones(9), None)  # 9 rows need 3 groups
     with pytest.raises(RuntimeError, match="float32"):
         op(torch.randn(1, 8).double(), torch.randn(4, 8), None, None)
     with pytest.raises(RuntimeError, match="int8"):

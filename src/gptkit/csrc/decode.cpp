@@ -10,8 +10,9 @@
 //
 // gemv(x, w, scale, bias): y = x W^T (* scale) (+ bias) for a few rows x.
 //   x      (M, K) float32, M small (a decode step's batch)
-//   w      (N, K) float32, bfloat16 or int8, row-major (nn.Linear's layout)
-//   scale  (N,)   float32 or None: per-output-row factor (int8 weights)
+//   w      (N, K) float32, bfloat16 or int8, row-major (nn.Linear's layout), or int8 in
+//          the blocked layout (below): (ceil(N / 4), K / 32, 4, 32)
+//   scale  (N,)   float32 or None: per-output-row factor (int8 weights; required blocked)
 //   bias   (N,)   float32 or None
 //   ->     (M, N) float32
 //
@@ -143,10 +144,45 @@ void dot_rows(const int16_t* q, const int8_t* w, int64_t K, bool prefetch_next, 
   for (int64_t r = 0; r < R; ++r) out[r] = float(total[r]);
 }
 
-template <typename W>
+// The blocked int8 layout. The loops above read kRows rows side by side: kRows streams of
+// K bytes each (768 for gpt2) that jump ahead together, which the hardware prefetchers
+// follow poorly (the software prefetches of the next rows notwithstanding, int8 products
+// streamed 82-93% of the read bandwidth where fp32's long rows reach ~100%). Blocked, each
+// group of kRows rows is stored as K / kBlockCols chunks of [kRows rows x kBlockCols
+// columns], so a group is one sequential stream, prefetched kAhead bytes ahead: a token's
+// int8 products 1.07-1.15x faster (RESULTS.md, session 10). A blocked matrix is a 4-D
+// int8 tensor (groups, K / kBlockCols, kRows, kBlockCols); the last group is padded with
+// zero rows and the true row count is the length of its scales.
+constexpr int64_t kBlockCols = 32;
+constexpr int64_t kAhead = 4096;
+
+// out[r] = dot(q, row r) for the kRows rows of one blocked group: exact integer sums.
+void dot_group(const int16_t* q, const int8_t* group, int64_t K, float* out) {
+  int64_t total[kRows] = {};
+  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {  // K and kChunk are multiples of kBlockCols
+    const int64_t k1 = std::min(K, k0 + kChunk);
+    IVec acc[kRows];
+    for (int64_t r = 0; r < kRows; ++r) acc[r] = izero();
+    for (int64_t k = k0; k < k1; k += kBlockCols) {
+      const int8_t* chunk = group + k * kRows;  // kRows x kBlockCols bytes
+      _mm_prefetch(reinterpret_cast<const char*>(chunk + kAhead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(chunk + kAhead + 64), _MM_HINT_T0);
+      for (int64_t h = 0; h < kBlockCols; h += kPairs) {
+        const IVec qv = iload(q + k + h);
+        for (int64_t r = 0; r < kRows; ++r)
+          acc[r] = imadd(qv, iload(chunk + r * kBlockCols + h), acc[r]);
+      }
+    }
+    for (int64_t r = 0; r < kRows; ++r) total[r] += isum(acc[r]);
+  }
+  for (int64_t r = 0; r < kRows; ++r) out[r] = float(total[r]);
+}
+
+template <typename W, bool kBlocked = false>
 void gemv_impl(const float* x, const W* w, const float* scale, const float* bias, float* y,
                int64_t M, int64_t N, int64_t K) {
   constexpr bool kInt8 = std::is_same_v<W, int8_t>;
+  static_assert(kInt8 || !kBlocked, "only int8 weights come blocked");
   std::vector<int16_t> xq(kInt8 ? M * K : 0);  // int8 only: x in fixed point, its factors
   std::vector<float> xs(kInt8 ? M : 0);
   if constexpr (kInt8) {
@@ -165,7 +201,9 @@ void gemv_impl(const float* x, const W* w, const float* scale, const float* bias
     for (int64_t b = begin; b < end; ++b) {
       const int64_t n0 = b * kRows, rows = std::min(kRows, N - n0);
       for (int64_t m = 0; m < M; ++m) {
-        if (rows == kRows) {
+        if constexpr (kBlocked) {
+          dot_group(row(m), w + n0 * K, K, out);  // later rows of x find the group in L1
+        } else if (rows == kRows) {
           // Later rows of x find this block in L1; only the first pass prefetches.
           const bool prefetch = m == 0 && b + 1 < end && n0 + 2 * kRows <= N;
           dot_rows<kRows>(row(m), w + n0 * K, K, prefetch, out);
@@ -185,16 +223,31 @@ void gemv_impl(const float* x, const W* w, const float* scale, const float* bias
   });
 }
 
-// A linear layer's weight, per-row scales and bias, checked against its input width K.
+// A linear layer's weight (row-major, or int8 blocked), per-row scales and bias, checked
+// against its input width K.
 struct Linear {
-  at::Tensor w, scale, bias;  // w contiguous (N, K); scale and bias undefined or (N,)
+  at::Tensor w, scale, bias;  // w contiguous; scale and bias undefined or (N,)
+  int64_t N = 0;
+  bool blocked = false;
 
   Linear(const at::Tensor& weight, const std::optional<at::Tensor>& s,
          const std::optional<at::Tensor>& b, int64_t K, const char* name) {
-    TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2 && weight.size(1) == K, name,
-                ": the weight must be a CPU (N, ", K, ") matrix, got ", weight.sizes());
+    TORCH_CHECK(weight.device().is_cpu(), name, ": the weight must be a CPU tensor");
+    blocked = weight.dim() == 4;
+    if (blocked) {
+      TORCH_CHECK(weight.scalar_type() == at::kChar && weight.size(1) * kBlockCols == K &&
+                      weight.size(2) == kRows && weight.size(3) == kBlockCols && s,
+                  name, ": a blocked weight must be int8 (groups, ", K / kBlockCols, ", ", kRows,
+                  ", ", kBlockCols, ") with scales, got ", weight.sizes());
+      N = s->numel();
+      TORCH_CHECK(N > (weight.size(0) - 1) * kRows && N <= weight.size(0) * kRows, name, ": ",
+                  N, " scales for ", weight.size(0), " groups of ", kRows, " rows");
+    } else {
+      TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K, name, ": the weight must be a (N, ",
+                  K, ") matrix, got ", weight.sizes());
+      N = weight.size(0);
+    }
     w = weight.contiguous();
-    const int64_t N = w.size(0);
     if (s) {
       TORCH_CHECK(s->numel() == N && s->scalar_type() == at::kFloat, name, ": bad scale");
       scale = s->contiguous();
@@ -205,14 +258,18 @@ struct Linear {
     }
   }
 
-  int64_t out_features() const { return w.size(0); }
-  int64_t in_features() const { return w.size(1); }
+  int64_t out_features() const { return N; }
+  int64_t in_features() const { return blocked ? w.size(1) * kBlockCols : w.size(1); }
 
   // y (M, N) = x (M, K) W^T * scale + bias
   void operator()(const float* x, int64_t M, float* y) const {
-    const int64_t N = w.size(0), K = w.size(1);
+    const int64_t K = in_features();
     const float* sp = scale.defined() ? scale.data_ptr<float>() : nullptr;
     const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+    if (blocked) {
+      gemv_impl<int8_t, true>(x, w.data_ptr<int8_t>(), sp, bp, y, M, N, K);
+      return;
+    }
     switch (w.scalar_type()) {
       case at::kFloat:
         gemv_impl(x, w.data_ptr<float>(), sp, bp, y, M, N, K);
@@ -232,8 +289,7 @@ struct Linear {
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
                 const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "gemv: CPU tensors only");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "gemv: x must be (M, K) and w (N, K)");
-  TORCH_CHECK(x.size(1) == w.size(1), "gemv: x has ", x.size(1), " columns, w ", w.size(1));
+  TORCH_CHECK(x.dim() == 2, "gemv: x must be (M, K)");
   TORCH_CHECK(x.scalar_type() == at::kFloat, "gemv: x must be float32");
   const Linear linear(w, scale, bias, x.size(1), "gemv");
   const at::Tensor xc = x.contiguous();
@@ -532,30 +588,37 @@ void block_step(const Block& blk, float* r, float* kc, float* vc, const int64_t*
   if (post_norm) layer_norm(r, blk.g2, blk.b2, eps, M, C, r);
 }
 
-// Row `id` of an embedding table (rows, C) of fp32, bf16 or int8 weights, times the row's
-// scale (int8) and `factor`, into out (C).
-void embedding_row(const at::Tensor& table, const float* scale, int64_t id, float factor,
-                   float* out) {
-  const int64_t C = table.size(1);
+// Row `id` of an embedding table (rows, C) of fp32, bf16 or int8 weights, or of int8 ones
+// blocked like a Linear's (a tied head's), times the row's scale (int8) and `factor`, into
+// out (C).
+void embedding_row(const at::Tensor& table, const float* scale, int64_t id, int64_t C,
+                   float factor, float* out) {
   const float s = (scale ? scale[id] : 1.0f);
-  switch (table.scalar_type()) {
-    case at::kFloat: {
-      const float* row = table.data_ptr<float>() + id * C;
-      for (int64_t c = 0; c < C; ++c) out[c] = row[c] * s;
-      break;
+  if (table.dim() == 4) {  // blocked: chunk c of the row sits in its group's chunk c
+    const int8_t* group = table.data_ptr<int8_t>() + (id / kRows) * kRows * C;
+    const int8_t* row = group + (id % kRows) * kBlockCols;
+    for (int64_t c = 0; c < C; ++c)
+      out[c] = to_float(row[(c / kBlockCols) * kRows * kBlockCols + c % kBlockCols]) * s;
+  } else {
+    switch (table.scalar_type()) {
+      case at::kFloat: {
+        const float* row = table.data_ptr<float>() + id * C;
+        for (int64_t c = 0; c < C; ++c) out[c] = row[c] * s;
+        break;
+      }
+      case at::kBFloat16: {
+        const auto* row = reinterpret_cast<const uint16_t*>(table.data_ptr()) + id * C;
+        for (int64_t c = 0; c < C; ++c) out[c] = to_float(row[c]) * s;
+        break;
+      }
+      case at::kChar: {
+        const int8_t* row = table.data_ptr<int8_t>() + id * C;
+        for (int64_t c = 0; c < C; ++c) out[c] = to_float(row[c]) * s;
+        break;
+      }
+      default:
+        TORCH_CHECK(false, "decode_step: the embedding must be float32, bfloat16 or int8");
     }
-    case at::kBFloat16: {
-      const auto* row = reinterpret_cast<const uint16_t*>(table.data_ptr()) + id * C;
-      for (int64_t c = 0; c < C; ++c) out[c] = to_float(row[c]) * s;
-      break;
-    }
-    case at::kChar: {
-      const int8_t* row = table.data_ptr<int8_t>() + id * C;
-      for (int64_t c = 0; c < C; ++c) out[c] = to_float(row[c]) * s;
-      break;
-    }
-    default:
-      TORCH_CHECK(false, "decode_step: the embedding must be float32, bfloat16 or int8");
   }
   if (factor != 1.0f)
     for (int64_t c = 0; c < C; ++c) out[c] *= factor;
@@ -564,7 +627,8 @@ void embedding_row(const at::Tensor& table, const float* scale, int64_t id, floa
 // One decode step, token ids to next-token logits, for one new token per row: model.py's
 // GPT.forward for idx (M, 1) with a KV cache, in one call.
 //   idx               (M,) int64 token ids
-//   wte, wte_scale    the token embedding (V, C), fp32 / bf16 / int8, and int8's row scales
+//   wte, wte_scale    the token embedding (V, C), fp32 / bf16 / int8 (or int8 blocked as
+//                     a tied head's weight), and int8's row scales
 //   embed_scale       factor on the token embedding (sqrt(C) or 1)
 //   positions         (P, C) float32: learned position vectors or the sinusoidal table
 //   k_cache, v_cache  (L, rows >= M, H, S, D) float32; layer l uses [l]
@@ -586,9 +650,17 @@ at::Tensor decode_step(const at::Tensor& idx, const at::Tensor& wte,
   Laps laps;
   TORCH_CHECK(idx.device().is_cpu() && idx.dim() == 1 && idx.scalar_type() == at::kLong,
               "decode_step: idx must hold one int64 token id per row");
-  TORCH_CHECK(wte.device().is_cpu() && wte.dim() == 2 && wte.is_contiguous(),
-              "decode_step: the embedding must be a contiguous CPU (V, C) matrix");
-  const int64_t M = idx.size(0), V = wte.size(0), C = wte.size(1), H = n_head;
+  const bool wte_blocked = wte.dim() == 4;
+  TORCH_CHECK(wte.device().is_cpu() && wte.is_contiguous() &&
+                  (wte.dim() == 2 || (wte_blocked && wte.scalar_type() == at::kChar &&
+                                      wte.size(2) == kRows && wte.size(3) == kBlockCols &&
+                                      wte_scale && wte_scale->numel() > (wte.size(0) - 1) * kRows &&
+                                      wte_scale->numel() <= wte.size(0) * kRows)),
+              "decode_step: the embedding must be a contiguous CPU (V, C) matrix or a blocked "
+              "int8 one with its scales");
+  const int64_t M = idx.size(0), H = n_head;
+  const int64_t V = wte_blocked ? wte_scale->numel() : wte.size(0);
+  const int64_t C = wte_blocked ? wte.size(1) * kBlockCols : wte.size(1);
   const int64_t L = int64_t(bands.size());
   TORCH_CHECK(H > 0 && C % H == 0, "decode_step: ", H, " heads do not divide ", C);
   TORCH_CHECK(int64_t(weights.size()) == L * Block::kTensors, "decode_step: ", L,
@@ -633,7 +705,7 @@ at::Tensor decode_step(const at::Tensor& idx, const at::Tensor& wte,
   std::vector<float> x(M * C);
   const float* table = positions.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
-    embedding_row(wte, wte_s, id[m], float(embed_scale), &x[m * C]);
+    embedding_row(wte, wte_s, id[m], C, float(embed_scale), &x[m * C]);
     for (int64_t c = 0; c < C; ++c) x[m * C + c] += table[p[m] * C + c];
   }
   // 2. the blocks
