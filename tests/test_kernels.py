@@ -114,17 +114,19 @@ def test_gemv_int8_long_rows_do_not_overflow(isa):
 
 
 @pytest.mark.parametrize("isa", list(kernels.ISA_FLAGS))
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_gemv_blocked_int8_equals_the_row_major_matrix(isa, threads):
-    """Guards the blocked int8 layout: the same exact integer sums as the row-major kernel,
-    bit for bit, for a padded last group (N % 4 != 0), one chunk (K = 32), the kChunk
-    boundary (K = 4128) and 1-8 rows of x; and the layout round trip."""
+def test_gemv_blocked_equals_the_row_major_matrix(isa, fmt, threads):
+    """Guards the blocked layout: the same sums as the row-major kernel, in the same order,
+    so bit for bit (int8: exact integers), for a padded last group (N % 4 != 0), one chunk
+    (K = 32), int8's kChunk boundary (K = 4128) and 1-8 rows of x; and the round trip."""
     if isa not in kernels.runnable_isas():
         pytest.skip(f"this CPU cannot run the {isa} build")
     op = kernels.gemv_op(isa)
     torch.set_num_threads(threads)  # conftest restores it
     for n, k in [(1, 32), (7, 64), (130, 768), (61, 4128)]:
-        q, scale, _ = _weight("int8", n, k)
+        q, scale, _ = _weight(fmt, n, k)
+        scale = torch.rand(n) if scale is None else scale
         blocked = block_rows(q)
         assert blocked.shape == (-(-n // 4), k // 32, 4, 32)
         assert torch.equal(unblock_rows(blocked, n), q)

@@ -287,7 +287,7 @@ def _stream(
                     finished |= next_ids == eot_id
                 tokens[:, n] = next_ids
                 n += 1
-                done = step == max_new_tokens - 1 or bool(finished.all())
+                done = step == max_new_tokens - 1 or (eot_id is not None and bool(finished.all()))
             yield next_ids.clone()  # cloned outside inference mode: an ordinary tensor
             if done:
                 return

@@ -13,12 +13,12 @@ few rows of a decode step on a CPU it calls gptkit's native kernel (`gptkit.kern
 weights widened to fp32 in registers with fp32 accumulation; int8 weights widened to int16
 and multiplied with the input row in 16-bit fixed point, within 2^-16 of its largest
 entry, summed exactly in integers), which streams bf16 and int8 weights close to the
-memory bandwidth where ATen's kernels did not. int8 weights take it for more rows too (a
-prompt, a large batch: 8 rows per pass, faster than ATen's int8 kernel). bf16 weights with
-more rows, a GPU, or a machine where the kernel cannot be built use ATen: a bf16 matmul of
-bf16-rounded activations, or `_weight_int8pack_mm` (where the input width is a multiple of
-16: with any other width ATen's kernel reads past the rows and crashes, so those layers
-multiply by the dequantized weight instead).
+memory bandwidth where ATen's kernels did not. int8 and blocked (below) weights take it for
+more rows too (a prompt, a large batch: 8 rows per pass, faster than ATen's kernels there).
+Other bf16 weights with more rows, a GPU, or a machine where the kernel cannot be built use
+ATen: a bf16 matmul of bf16-rounded activations, or `_weight_int8pack_mm` (where the input
+width is a multiple of 16: with any other width ATen's kernel reads past the rows and
+crashes, so those layers multiply by the dequantized weight instead).
 
 int8 (symmetric, per output channel): each row w of a weight matrix is stored as
 round(w / s) in [-127, 127] with s = max|w| / 127, so the largest entry of every row is
@@ -26,10 +26,12 @@ exact and the others are off by at most s / 2. A tied unembedding stays tied:
 `WeightOnlyEmbedding` looks rows up in the head's matrix and scales them.
 
 Where the native kernel runs (a CPU that builds it) and the input width is a multiple of
-32, an int8 matrix is stored in the kernel's blocked layout (`block_rows`): rows in groups
-of 4, each group as chunks of 4 rows x 32 columns, so that the four rows the kernel reads
-together come from one sequential stream (a token's int8 products 1.07-1.15x faster than
-from row-major rows). `WeightOnlyLinear.matrix()` gives the plain (out, in) matrix back.
+32, a matrix is stored in the kernel's blocked layout (`block_rows`): rows in groups of 4,
+each group as chunks of 4 rows x 32 columns, so that the four rows the kernel reads
+together come from one sequential stream (a token's int8 products 1.17x faster than from
+row-major rows, bf16's 1.07-1.11x). A blocked bf16 matrix carries scales of ones, which
+give the kernel its row count. `WeightOnlyLinear.matrix()` gives the plain (out, in)
+matrix back.
 """
 
 from __future__ import annotations
@@ -84,14 +86,19 @@ def _blocked_rows(w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def _small_matrix(
     weight: torch.Tensor, fmt: str, blocked: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A float weight in format `fmt` ("bf16" | "int8"): (matrix, per-row scales or None);
-    `blocked` stores int8 in the native kernel's layout where its width allows."""
+    """A float weight in format `fmt` ("bf16" | "int8"): (matrix, per-row scales or None).
+
+    `blocked` stores it in the native kernel's layout where its width allows; a blocked
+    matrix always has scales (ones for bf16): their length is its row count.
+    """
     if fmt == "int8":
-        q, scale = quantize_rows(weight)
-        if blocked and q.device.type == "cpu" and q.shape[1] % BLOCK_COLS == 0:
-            q = block_rows(q)
-        return q, scale
-    return weight.detach().to(torch.bfloat16).clone(), None
+        w, scale = quantize_rows(weight)
+    else:
+        w, scale = weight.detach().to(torch.bfloat16).clone(), None
+    if blocked and w.device.type == "cpu" and w.shape[1] % BLOCK_COLS == 0:
+        scale = torch.ones(w.shape[0], device=w.device) if scale is None else scale
+        w = block_rows(w)
+    return w, scale
 
 
 # `_weight_int8pack_mm` (torch 2.13, CPU) handles input widths that are multiples of this
@@ -103,7 +110,8 @@ INT8PACK_WIDTH = 16
 def _aten_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """x (M, in) fp32 @ (w * scale).T -> (M, out) fp32 with ATen's kernels (no fp32 copy of w)."""
     if w.dtype == torch.bfloat16:
-        return F.linear(x.to(torch.bfloat16), w).to(x.dtype)
+        y = F.linear(x.to(torch.bfloat16), w).to(x.dtype)
+        return y if scale is None else y * scale.to(x.dtype)
     if x.device.type == "cpu" and w.shape[1] % INT8PACK_WIDTH == 0:
         # ATen's int8 kernel converts in registers; its vectorized path takes bf16
         # activations and scales (fp32 activations ran ~10x slower on the dev machine).
@@ -117,17 +125,17 @@ class WeightOnlyLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None):
         super().__init__()
-        if weight.dim() == 4:  # int8 in the native kernel's blocked layout
+        if weight.dim() == 4:  # the native kernel's blocked layout
             self.out_features, self.in_features = scale.numel(), weight.shape[1] * BLOCK_COLS
         else:
             self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight)  # bf16 or int8 (out, in), or int8 blocked
-        self.register_buffer("scale", scale)  # fp32 (out,), int8 only
+        self.register_buffer("weight", weight)  # bf16 or int8 (out, in), or blocked
+        self.register_buffer("scale", scale)  # fp32 (out,): int8's, or a blocked bf16's ones
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str) -> WeightOnlyLinear:
-        """`linear` in format `fmt`; int8 blocked where the native kernel will read it."""
+        """`linear` in format `fmt`, blocked where the native kernel will read it."""
         blocked = linear.weight.device.type == "cpu" and kernels.gemv_op() is not None
         return cls(*_small_matrix(linear.weight, fmt, blocked), linear.bias)
 
@@ -145,12 +153,14 @@ class WeightOnlyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) -> (..., out), in x's dtype."""
         rows, step = x.numel() // self.in_features, kernels.MAX_ROWS
-        # The native kernel takes a decode step's few rows; int8 weights take it for any
-        # number of rows, `step` at a time: for a prompt of 9-128 rows it beat ATen's
-        # `_weight_int8pack_mm` 1.26-1.28x on gpt2's head, and reads the blocked layout.
+        # The native kernel takes a decode step's few rows; int8 and blocked weights take it
+        # for any number of rows, `step` at a time (on gpt2's head, 9-128 rows: 1.26-1.28x
+        # ATen's `_weight_int8pack_mm`; blocked bf16, 9-64 rows: 1.04-1.75x ATen's bf16
+        # matmul, which would first have to unblock the matrix).
         if x.device.type == "cpu" and x.dtype == torch.float32:
             gemv = kernels.gemv_op()  # None where it cannot be built
-            if gemv is not None and (rows <= step or self.weight.dtype == torch.int8):
+            native = rows <= step or self.weight.dtype == torch.int8 or self.weight.dim() == 4
+            if gemv is not None and native:
                 x2 = x.reshape(rows, self.in_features)
                 if rows <= step:  # the decode step's path: kept short, it runs per token
                     y = gemv(x2, self.weight, self.scale, self.bias)
@@ -178,7 +188,7 @@ class WeightOnlyEmbedding(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """ids (B, T) -> fp32 (B, T, C)."""
-        w = self.weight  # a tied head's int8 matrix may be blocked
+        w = self.weight  # a tied head's matrix may be blocked
         rows = (_blocked_rows(w, idx) if w.dim() == 4 else w[idx]).float()
         return rows if self.scale is None else rows * self.scale[idx, None]
 

@@ -10,8 +10,8 @@
 //
 // gemv(x, w, scale, bias): y = x W^T (* scale) (+ bias) for a few rows x.
 //   x      (M, K) float32, M small (a decode step's batch)
-//   w      (N, K) float32, bfloat16 or int8, row-major (nn.Linear's layout), or int8 in
-//          the blocked layout (below): (ceil(N / 4), K / 32, 4, 32)
+//   w      (N, K) float32, bfloat16 or int8, row-major (nn.Linear's layout), or bf16 or
+//          int8 in the blocked layout (below): (ceil(N / 4), K / 32, 4, 32)
 //   scale  (N,)   float32 or None: per-output-row factor (int8 weights; required blocked)
 //   bias   (N,)   float32 or None
 //   ->     (M, N) float32
@@ -144,29 +144,52 @@ void dot_rows(const int16_t* q, const int8_t* w, int64_t K, bool prefetch_next, 
   for (int64_t r = 0; r < R; ++r) out[r] = float(total[r]);
 }
 
-// The blocked int8 layout. The loops above read kRows rows side by side: kRows streams of
-// K bytes each (768 for gpt2) that jump ahead together, which the hardware prefetchers
+// The blocked layout. The loops above read kRows rows side by side: kRows streams of K
+// weights each (768 for gpt2) that jump ahead together, which the hardware prefetchers
 // follow poorly (the software prefetches of the next rows notwithstanding, int8 products
 // streamed 82-93% of the read bandwidth where fp32's long rows reach ~100%). Blocked, each
 // group of kRows rows is stored as K / kBlockCols chunks of [kRows rows x kBlockCols
 // columns], so a group is one sequential stream, prefetched kAhead bytes ahead: a token's
-// int8 products 1.07-1.15x faster (RESULTS.md, session 10). A blocked matrix is a 4-D
-// int8 tensor (groups, K / kBlockCols, kRows, kBlockCols); the last group is padded with
-// zero rows and the true row count is the length of its scales.
+// int8 products 1.17x faster, bf16's 1.07-1.11x (RESULTS.md, session 10). A blocked
+// matrix is a 4-D int8 or bf16 tensor (groups, K / kBlockCols, kRows, kBlockCols); the
+// last group is padded with zero rows and the true row count is the length of its scales
+// (which bf16 carries too, as ones, for that).
 constexpr int64_t kBlockCols = 32;
 constexpr int64_t kAhead = 4096;
 
-// out[r] = dot(q, row r) for the kRows rows of one blocked group: exact integer sums.
+template <typename W>
+void prefetch_chunk_ahead(const W* chunk) {
+  const char* ahead = reinterpret_cast<const char*>(chunk) + kAhead;
+  for (int64_t b = 0; b < int64_t(kRows * kBlockCols * sizeof(W)); b += 64)
+    _mm_prefetch(ahead + b, _MM_HINT_T0);
+}
+
+// out[r] = dot(x, row r) for the kRows rows of one blocked group of bf16 weights.
+void dot_group(const float* x, const uint16_t* group, int64_t K, float* out) {
+  Vec acc[kRows];
+  for (int64_t r = 0; r < kRows; ++r) acc[r] = vzero();
+  for (int64_t k = 0; k < K; k += kBlockCols) {  // K is a multiple of kBlockCols
+    const uint16_t* chunk = group + k * kRows;
+    prefetch_chunk_ahead(chunk);
+    for (int64_t h = 0; h < kBlockCols; h += kWidth) {
+      const Vec xv = vload(x + k + h);
+      for (int64_t r = 0; r < kRows; ++r)
+        acc[r] = vfma(xv, vload(chunk + r * kBlockCols + h), acc[r]);
+    }
+  }
+  for (int64_t r = 0; r < kRows; ++r) out[r] = vsum(acc[r]);
+}
+
+// The same for int8 weights and x in fixed point: exact integer sums.
 void dot_group(const int16_t* q, const int8_t* group, int64_t K, float* out) {
   int64_t total[kRows] = {};
-  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {  // K and kChunk are multiples of kBlockCols
+  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {  // kChunk is a multiple of kBlockCols
     const int64_t k1 = std::min(K, k0 + kChunk);
     IVec acc[kRows];
     for (int64_t r = 0; r < kRows; ++r) acc[r] = izero();
     for (int64_t k = k0; k < k1; k += kBlockCols) {
-      const int8_t* chunk = group + k * kRows;  // kRows x kBlockCols bytes
-      _mm_prefetch(reinterpret_cast<const char*>(chunk + kAhead), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(chunk + kAhead + 64), _MM_HINT_T0);
+      const int8_t* chunk = group + k * kRows;
+      prefetch_chunk_ahead(chunk);
       for (int64_t h = 0; h < kBlockCols; h += kPairs) {
         const IVec qv = iload(q + k + h);
         for (int64_t r = 0; r < kRows; ++r)
@@ -182,7 +205,7 @@ template <typename W, bool kBlocked = false>
 void gemv_impl(const float* x, const W* w, const float* scale, const float* bias, float* y,
                int64_t M, int64_t N, int64_t K) {
   constexpr bool kInt8 = std::is_same_v<W, int8_t>;
-  static_assert(kInt8 || !kBlocked, "only int8 weights come blocked");
+  static_assert(!kBlocked || !std::is_same_v<W, float>, "fp32 weights are never blocked");
   std::vector<int16_t> xq(kInt8 ? M * K : 0);  // int8 only: x in fixed point, its factors
   std::vector<float> xs(kInt8 ? M : 0);
   if constexpr (kInt8) {
@@ -223,7 +246,7 @@ void gemv_impl(const float* x, const W* w, const float* scale, const float* bias
   });
 }
 
-// A linear layer's weight (row-major, or int8 blocked), per-row scales and bias, checked
+// A linear layer's weight (row-major, or bf16 / int8 blocked), per-row scales and bias, checked
 // against its input width K.
 struct Linear {
   at::Tensor w, scale, bias;  // w contiguous; scale and bias undefined or (N,)
@@ -235,10 +258,11 @@ struct Linear {
     TORCH_CHECK(weight.device().is_cpu(), name, ": the weight must be a CPU tensor");
     blocked = weight.dim() == 4;
     if (blocked) {
-      TORCH_CHECK(weight.scalar_type() == at::kChar && weight.size(1) * kBlockCols == K &&
-                      weight.size(2) == kRows && weight.size(3) == kBlockCols && s,
-                  name, ": a blocked weight must be int8 (groups, ", K / kBlockCols, ", ", kRows,
-                  ", ", kBlockCols, ") with scales, got ", weight.sizes());
+      TORCH_CHECK((weight.scalar_type() == at::kChar || weight.scalar_type() == at::kBFloat16) &&
+                      weight.size(1) * kBlockCols == K && weight.size(2) == kRows &&
+                      weight.size(3) == kBlockCols && s,
+                  name, ": a blocked weight must be int8 or bf16 (groups, ", K / kBlockCols, ", ",
+                  kRows, ", ", kBlockCols, ") with scales, got ", weight.sizes());
       N = s->numel();
       TORCH_CHECK(N > (weight.size(0) - 1) * kRows && N <= weight.size(0) * kRows, name, ": ",
                   N, " scales for ", weight.size(0), " groups of ", kRows, " rows");
@@ -266,8 +290,13 @@ struct Linear {
     const int64_t K = in_features();
     const float* sp = scale.defined() ? scale.data_ptr<float>() : nullptr;
     const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
-    if (blocked) {
+    if (blocked && w.scalar_type() == at::kChar) {
       gemv_impl<int8_t, true>(x, w.data_ptr<int8_t>(), sp, bp, y, M, N, K);
+      return;
+    }
+    if (blocked) {
+      gemv_impl<uint16_t, true>(x, reinterpret_cast<const uint16_t*>(w.data_ptr()), sp, bp, y, M,
+                                N, K);
       return;
     }
     switch (w.scalar_type()) {
@@ -588,17 +617,23 @@ void block_step(const Block& blk, float* r, float* kc, float* vc, const int64_t*
   if (post_norm) layer_norm(r, blk.g2, blk.b2, eps, M, C, r);
 }
 
-// Row `id` of an embedding table (rows, C) of fp32, bf16 or int8 weights, or of int8 ones
-// blocked like a Linear's (a tied head's), times the row's scale (int8) and `factor`, into
+// Row `id` of an embedding table (rows, C) of fp32, bf16 or int8 weights, or of bf16 / int8
+// ones blocked like a Linear's (a tied head's), times the row's scale and `factor`, into
 // out (C).
 void embedding_row(const at::Tensor& table, const float* scale, int64_t id, int64_t C,
                    float factor, float* out) {
   const float s = (scale ? scale[id] : 1.0f);
   if (table.dim() == 4) {  // blocked: chunk c of the row sits in its group's chunk c
-    const int8_t* group = table.data_ptr<int8_t>() + (id / kRows) * kRows * C;
-    const int8_t* row = group + (id % kRows) * kBlockCols;
-    for (int64_t c = 0; c < C; ++c)
-      out[c] = to_float(row[(c / kBlockCols) * kRows * kBlockCols + c % kBlockCols]) * s;
+    auto gather = [&](const auto* data) {
+      const auto* row = data + (id / kRows) * kRows * C + (id % kRows) * kBlockCols;
+      for (int64_t c = 0; c < C; ++c)
+        out[c] = to_float(row[(c / kBlockCols) * kRows * kBlockCols + c % kBlockCols]) * s;
+    };
+    if (table.scalar_type() == at::kChar) {
+      gather(table.data_ptr<int8_t>());
+    } else {
+      gather(reinterpret_cast<const uint16_t*>(table.data_ptr()));
+    }
   } else {
     switch (table.scalar_type()) {
       case at::kFloat: {
@@ -627,8 +662,8 @@ void embedding_row(const at::Tensor& table, const float* scale, int64_t id, int6
 // One decode step, token ids to next-token logits, for one new token per row: model.py's
 // GPT.forward for idx (M, 1) with a KV cache, in one call.
 //   idx               (M,) int64 token ids
-//   wte, wte_scale    the token embedding (V, C), fp32 / bf16 / int8 (or int8 blocked as
-//                     a tied head's weight), and int8's row scales
+//   wte, wte_scale    the token embedding (V, C), fp32 / bf16 / int8 (or bf16 / int8
+//                     blocked as a tied head's weight), and its row scales (int8, blocked)
 //   embed_scale       factor on the token embedding (sqrt(C) or 1)
 //   positions         (P, C) float32: learned position vectors or the sinusoidal table
 //   k_cache, v_cache  (L, rows >= M, H, S, D) float32; layer l uses [l]
@@ -652,12 +687,14 @@ at::Tensor decode_step(const at::Tensor& idx, const at::Tensor& wte,
               "decode_step: idx must hold one int64 token id per row");
   const bool wte_blocked = wte.dim() == 4;
   TORCH_CHECK(wte.device().is_cpu() && wte.is_contiguous() &&
-                  (wte.dim() == 2 || (wte_blocked && wte.scalar_type() == at::kChar &&
+                  (wte.dim() == 2 || (wte_blocked &&
+                                      (wte.scalar_type() == at::kChar ||
+                                       wte.scalar_type() == at::kBFloat16) &&
                                       wte.size(2) == kRows && wte.size(3) == kBlockCols &&
                                       wte_scale && wte_scale->numel() > (wte.size(0) - 1) * kRows &&
                                       wte_scale->numel() <= wte.size(0) * kRows)),
               "decode_step: the embedding must be a contiguous CPU (V, C) matrix or a blocked "
-              "int8 one with its scales");
+              "one with its scales");
   const int64_t M = idx.size(0), H = n_head;
   const int64_t V = wte_blocked ? wte_scale->numel() : wte.size(0);
   const int64_t C = wte_blocked ? wte.size(1) * kBlockCols : wte.size(1);
