@@ -119,6 +119,33 @@ def test_bf16_model_halves_its_bytes_and_keeps_fp32_activations():
         assert model(torch.randint(0, 256, (1, 4))).dtype == torch.float32
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_matrices_are_blocked_for_the_native_kernel(fmt):
+    """Guards the blocked layout's use: where the kernel builds, matrices of a width that is
+    a multiple of 32 are stored blocked (others row-major), `matrix()` gives back exactly the
+    row-major matrix, and the tied embedding looks its rows up in the blocked head."""
+    if kernels.gemv_op() is None:
+        pytest.skip("native kernels unavailable here")
+    model = GPT(tiny_config("gpt2", vocab_size=61, d_model=64)).eval()  # 61: a padded group
+    rows = {name: _small(module.weight, fmt) for name, module in _linears(model)}
+    quantize_model(model, fmt)
+    for name, module in _linears(model):
+        assert module.weight.dim() == (4 if module.in_features % 32 == 0 else 2), name
+        assert torch.equal(module.matrix(), rows[name]), name
+    assert model.lm_head.weight.dim() == 4 and model.lm_head.out_features == 61
+    ids = torch.tensor([[0, 5, 60]])
+    torch.testing.assert_close(model.wte(ids), model.lm_head.dequantized()[ids])
+
+
+def _linears(model: GPT) -> list[tuple[str, torch.nn.Module]]:
+    linear = (torch.nn.Linear, WeightOnlyLinear)
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, linear)]
+
+
+def _small(weight: torch.Tensor, fmt: str) -> torch.Tensor:
+    return quantize_rows(weight)[0] if fmt == "int8" else weight.detach().to(torch.bfloat16)
+
+
 @pytest.mark.slow
 def test_int8_perplexity_within_one_percent_of_fp32(tmp_path):
     """Guards the quality of int8: a trained model's val perplexity moves by < 1%."""
