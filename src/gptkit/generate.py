@@ -36,6 +36,7 @@ from __future__ import annotations
 from collections.abc import Generator, Iterator
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from gptkit.errors import GptkitError
@@ -86,10 +87,18 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def top_k_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """The ids of the k largest logits of each row, ascending: (..., V) -> (..., k).
+    """The ids of the k largest logits of each row, ascending: (..., V) -> (..., k), k < V.
 
     Ties at the k-th value go to the lowest ids (`torch.topk` alone picks any of them).
+    On a CPU through numpy, whose `partition` finds a row's k-th largest value in linear
+    time: 70 us for 50,257 entries on the dev machine, where `torch.topk` took ~470 us and
+    this function ~770 us (`gptkit sample`'s default top-k 200 then cost a tenth of an
+    int8 gpt2 token).
     """
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64):
+        ids = _top_k_rows(logits.detach().reshape(-1, logits.shape[-1]).numpy(), k)
+        if ids is not None:
+            return torch.from_numpy(ids).view(*logits.shape[:-1], k)
     values, ids = torch.topk(logits, k, dim=-1)
     kth = values[..., -1:]  # (..., 1)
     tied = logits == kth
@@ -100,6 +109,24 @@ def top_k_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
     room = k - above.sum(dim=-1, keepdim=True)  # >= 1
     keep = above | (tied & (torch.cumsum(tied, dim=-1) <= room))  # exactly k per row
     return keep.nonzero()[:, -1].view(*logits.shape[:-1], k)  # row-major: ids ascending
+
+
+def _top_k_rows(rows: np.ndarray, k: int) -> np.ndarray | None:
+    """top_k_ids for the rows of a (R, V) array: int64 (R, k); None when a row holds NaN
+    (it has no place in an order: torch's path handles it)."""
+    V = rows.shape[-1]
+    out = np.empty((rows.shape[0], k), dtype=np.int64)
+    for i, row in enumerate(rows):
+        kth = np.partition(row, V - k)[V - k]  # the k-th largest value
+        ids = np.flatnonzero(row >= kth)  # ascending; NaNs never compare true
+        if ids.size > k:  # ties at the k-th value: the lowest ids fill the places left
+            above = ids[row[ids] > kth]
+            tied = ids[row[ids] == kth][: k - above.size]
+            ids = np.sort(np.concatenate([above, tied]))
+        if ids.size != k:
+            return None
+        out[i] = ids
+    return out
 
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
@@ -119,9 +146,8 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     probs = torch.softmax(logits.float(), dim=-1)  # (..., V)
     V = probs.shape[-1]
     if V > 2 * TOP_P_CANDIDATES:
-        values, ids = torch.topk(probs, TOP_P_CANDIDATES, dim=-1)  # ties in any order
-        ids, by_id = torch.sort(ids, dim=-1)  # rank the candidates as the full sort would
-        values = values.gather(-1, by_id)
+        ids = top_k_ids(probs, TOP_P_CANDIDATES)  # ascending, as the full sort ranks ties
+        values = probs.gather(-1, ids)
         sorted_probs, order = torch.sort(values, dim=-1, descending=True, stable=True)
         order = ids.gather(-1, order)
         mass_before = _exclusive_cumsum(sorted_probs)
