@@ -10,7 +10,9 @@ holds two ops:
 
 - `gemv`: the matrix-vector product for fp32, bf16 and int8 weights; each weight is
   widened in registers while prefetches keep the memory system busy (int8: against the
-  input in 16-bit fixed point, with exact integer sums).
+  input in 16-bit fixed point, with exact integer sums). bf16 and int8 matrices may come
+  in a blocked layout, groups of 4 rows stored as one sequential stream
+  (`gptkit.quantize.block_rows`).
 - `decode_step`: a whole decode step for one new token per row, token ids to logits
   (embeddings, every block's layer norms, products, KV-cache writes, attention,
   activations and residuals, the final norm, the unembedding) in one call;
