@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/serve_bench.py
 	$(PY) benchmarks/cpu_inference.py
+	$(PY) benchmarks/kv_cache.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

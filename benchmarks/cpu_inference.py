@@ -22,7 +22,7 @@
    kernels for fp32, the native kernel 8 rows at a time for int8 and blocked bf16), and
    again through the decode path users sample with: 64 windows of 128
    characters fed one token per step, 8 rows at a time, through the KV cache (the native
-   decode step, where it builds).
+   decode step, where it builds), with a fp32 and with a bf16 cache.
 
     .venv/bin/python benchmarks/cpu_inference.py
     .venv/bin/python benchmarks/cpu_inference.py --train-steps 0   # skip the perplexity part
@@ -124,20 +124,26 @@ def perplexities(text: str, steps: int) -> dict[str, Any]:
             model = quantize_model(load_model(out), w)
             result[w] = math.exp(evaluate_full(model, val, 16, 128))
             result[f"{w}_decode"] = decode_perplexity(model, val)
+            result[f"{w}_decode_kv_bf16"] = decode_perplexity(model, val, kv_dtype=torch.bfloat16)
     return result
 
 
 def decode_perplexity(
-    model: GPT, tokens: np.ndarray, windows: int = 64, rows: int = 8, T: int = 128
+    model: GPT,
+    tokens: np.ndarray,
+    windows: int = 64,
+    rows: int = 8,
+    T: int = 128,
+    kv_dtype: torch.dtype = torch.float32,
 ) -> float:
     """Perplexity of `windows` consecutive windows of T + 1 tokens, each predicted one step at
-    a time through the KV cache (`next_logits`), `rows` windows side by side."""
+    a time through a KV cache of `kv_dtype` (`next_logits`), `rows` windows side by side."""
     nll, count = 0.0, 0
     with torch.inference_mode():
         for first in range(0, windows, rows):
             windows_np = [tokens[(first + r) * T : (first + r + 1) * T + 1] for r in range(rows)]
             batch = torch.from_numpy(np.stack(windows_np).astype(np.int64))  # (rows, T + 1)
-            cache = KVCache(model.config, rows, T, ring_buffers=False)
+            cache = KVCache(model.config, rows, T, ring_buffers=False, dtype=kv_dtype)
             for t in range(T):
                 logits = model.next_logits(batch[:, t : t + 1], cache)  # (rows, V)
                 nll += float(F.cross_entropy(logits.float(), batch[:, t + 1], reduction="sum"))
@@ -218,6 +224,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "decode-path perplexity (64 x 128 characters, one step at a time): "
             + ", ".join(f"{w} {ppl[w + '_decode']:.4f}" for w in WEIGHTS)
             + f"; int8/fp32 - 1 = {ppl['int8_decode'] / ppl['fp32_decode'] - 1:+.3%}"
+        )
+        print(
+            "the same with a bf16 KV cache (--kv-cache bf16): "
+            + ", ".join(
+                f"{w} {ppl[w + '_decode_kv_bf16']:.4f} "
+                f"({ppl[w + '_decode_kv_bf16'] / ppl[w + '_decode'] - 1:+.3%})"
+                for w in WEIGHTS
+            )
         )
     if args.json:
         atomic_write_json(args.json, result)

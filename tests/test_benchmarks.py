@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,20 @@ def test_products_floor_runs_exactly_the_plain_steps_products():
         bench.Products(model, B * T).step(0)
     assert len(real.calls) == 3 * 17
     assert sorted(floor.calls) == sorted(real.calls)
+
+
+def test_kv_cache_benchmark_runs_tiny(tmp_path, capsys):
+    """Guards benchmarks/kv_cache.py: each (weights, cache) pair decodes from every position,
+    on the cache dtype it names, and the table reports each."""
+    kv_cache = load_script("kv_cache")
+    out = tmp_path / "kv.json"
+    args = ["--preset", "seed-tiny", "--positions", "8,20", "--new-tokens", "3"]
+    result = kv_cache.main([*args, "--repeats", "1", "--weights", "fp32,int8", "--json", str(out)])
+    for key in ("fp32@8", "fp32@20", "int8@8", "int8@20"):
+        row = result[key]
+        assert row["fp32"]["ms_per_token"] > 0 and row["bf16"]["ms_per_token"] > 0
+        assert row["bf16_speedup"] == pytest.approx(
+            row["fp32"]["ms_per_token"] / row["bf16"]["ms_per_token"]
+        )
+    assert set(json.loads(out.read_text())) >= {"fp32@8", "int8@20"}
+    assert len(re.findall(r"\d\.\d\dx$", capsys.readouterr().out, re.MULTILINE)) == 4

@@ -153,6 +153,53 @@ def test_kv_cache_follows_the_model_dtype() -> None:
     assert out.shape == (2, 10)
 
 
+@pytest.mark.parametrize("ring_buffers", [False, True])
+def test_bf16_kv_cache_stores_rounded_keys_and_hands_back_fp32(ring_buffers: bool) -> None:
+    """Guards the eager path of a bf16 cache under a fp32 model (dense layers, and GPT-3's
+    banded ones in ring buffers): attention gets fp32 keys and values, each the bf16
+    rounding of what the full fp32 pass computes; the logits follow the fp32 cache's."""
+    cfg = tiny_config("gpt2", attention="alternating", attn_band=3, vocab_size=97)
+    model = _lively_model("gpt2", attention="alternating", attn_band=3)
+    model.native_decode = False
+    idx = torch.randint(0, cfg.vocab_size, (2, 12))
+    logits = {}
+    with torch.inference_mode():
+        for dtype in (torch.float32, torch.bfloat16):
+            cache = KVCache(model.config, 2, dtype=dtype, ring_buffers=ring_buffers)
+            assert cache.dtype == dtype and bool(cache.ringed) == ring_buffers
+            model(idx[:, :4], cache)
+            logits[dtype] = torch.cat([model(idx[:, t : t + 1], cache) for t in range(4, 12)], 1)
+        # What a bf16 cache should hold: the fp32 keys of the first layer, rounded.
+        cache = KVCache(model.config, 2, dtype=torch.bfloat16, ring_buffers=ring_buffers)
+        model(idx, cache)
+        x = model.wte(idx) + model.wpe(torch.arange(12))
+        keys = model.h[0].attn.c_attn(model.h[0].ln_1(x)).split(cfg.d_model, dim=2)[1]
+        keys = keys.view(2, 12, cfg.n_head, cfg.head_dim).transpose(1, 2)
+        assert torch.equal(cache.k[0, :, :, :12], keys.to(torch.bfloat16))  # layer 0: dense
+    assert logits[torch.bfloat16].dtype == torch.float32
+    gap = (logits[torch.bfloat16] - logits[torch.float32]).abs().max()
+    assert 0 < gap < 0.05 * logits[torch.float32].abs().max()  # measured: 1.8%
+
+
+def test_generate_with_a_bf16_kv_cache(monkeypatch) -> None:
+    """Guards `kv_dtype` reaching the cache (and a non-float one being refused)."""
+    model = _lively_model("gpt2", context_length=64)
+    idx = torch.randint(0, 97, (2, 5))
+    made = []
+
+    def spy(*args, real=gen.KVCache, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(gen, "KVCache", spy)
+    out = generate(model, idx, 40, temperature=0, kv_dtype=torch.bfloat16)
+    assert [c.dtype for c in made] == [torch.bfloat16]
+    plain = generate(model, idx, 40, temperature=0)
+    assert out.shape == plain.shape and torch.equal(out[:, :10], plain[:, :10])
+    with pytest.raises(GptkitError, match="floating-point"):
+        stream(model, idx, 3, kv_dtype=torch.int8)
+
+
 def test_model_mode_is_restored() -> None:
     """Guards generation leaving a training model in eval mode (or the reverse)."""
     model = GPT(tiny_config("seed")).train()

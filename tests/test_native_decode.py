@@ -1,8 +1,9 @@
 """The native decode step (`decode_step`, src/gptkit/csrc/decode.cpp) against the eager
 blocks it replaces: the same logits, step after step, for every architecture switch the
 op reads (post-/pre-LN, activations, output projection or none, biases or none, banded
-layers), every weight format, both ISA builds, both cache kinds; and the eager path
-wherever the native one must not run (hooks, training, autograd, reference attention)."""
+layers), every weight format, both ISA builds, both cache kinds, fp32 and bf16 caches;
+and the eager path wherever the native one must not run (hooks, training, autograd,
+reference attention)."""
 
 from __future__ import annotations
 
@@ -98,6 +99,36 @@ def test_native_steps_equal_the_eager_blocks(name, weights, batch, native_calls)
     assert len(native_calls) == cfg.context_length - 5
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_bf16_cache_steps_equal_the_eager_blocks(name, weights, native_calls):
+    """Guards the op's bf16 KV cache: keys and values stored rounded to nearest (ties to
+    even) as torch's conversion rounds them, read back as such by attention. Truncating
+    instead would change about half the stored entries; reading the bf16 bits wrongly, or
+    attending over unrounded copies of the new keys, would move the logits."""
+    model = _model(name, weights)
+    cfg = model.config
+    idx = torch.randint(0, cfg.vocab_size, (3, cfg.context_length))
+    caches = {
+        path: KVCache(cfg, 3, ring_buffers=False, dtype=dtype)
+        for path, dtype in [("native", torch.bfloat16), ("eager", torch.bfloat16), ("fp32", None)]
+    }
+    native = _stepped_logits(model, idx, 5, caches["native"], native=True)
+    assert len(native_calls) == cfg.context_length - 5
+    eager = _stepped_logits(copy.deepcopy(model), idx, 5, caches["eager"], native=False)
+    fp32 = _stepped_logits(copy.deepcopy(model), idx, 5, caches["fp32"], native=False)
+    tol = 1e-4 if weights == "int8" else 1e-5
+    torch.testing.assert_close(native, eager, atol=tol, rtol=tol)
+    if weights == "fp32":  # the rounding moves the logits far more than the paths differ
+        assert (native - fp32).abs().max() > 10 * (native - eager).abs().max()
+    for which in ("k", "v"):
+        got, want = getattr(caches["native"], which), getattr(caches["eager"], which)
+        assert got.dtype == torch.bfloat16
+        # The two paths' fp32 roundings can put a value on either side of a bf16 tie.
+        assert (got != want).float().mean() < 0.01
+        torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=tol)
+
+
 @pytest.mark.parametrize("isa", list(kernels.ISA_FLAGS))
 @pytest.mark.parametrize("threads", [1, 2])
 def test_each_isa_build_and_thread_split(isa, threads, monkeypatch):
@@ -114,7 +145,8 @@ def test_each_isa_build_and_thread_split(isa, threads, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "banded"])
-def test_slot_cache_rows_at_different_lengths(name, native_calls):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slot_cache_rows_at_different_lengths(name, dtype, native_calls):
     """Guards the server's path: each row writes and attends at its own position."""
     model = _model(name)
     cfg = model.config
@@ -125,10 +157,10 @@ def test_slot_cache_rows_at_different_lengths(name, native_calls):
     def run(native: bool) -> torch.Tensor:
         m = copy.deepcopy(model)
         m.native_decode = native
-        slots = SlotKVCache(cfg, 4)
+        slots = SlotKVCache(cfg, 4, dtype=dtype)
         with torch.inference_mode():
             for row, prompt in enumerate(prompts):
-                single = KVCache(cfg, 1, ring_buffers=False)
+                single = KVCache(cfg, 1, ring_buffers=False, dtype=dtype)
                 m(prompt, single)
                 slots.load(row, single)
             return torch.cat([m(steps[:, t : t + 1], slots) for t in range(12)], dim=1)

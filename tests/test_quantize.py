@@ -166,15 +166,19 @@ def test_int8_perplexity_within_one_percent_of_fp32(tmp_path):
 
 
 def test_sample_command_with_quantized_weights(tmp_path, capsys):
-    """Guards `gptkit sample --weights`: each choice generates; a bad one is refused."""
+    """Guards `gptkit sample --weights` and `--kv-cache`: each choice generates; a bad one
+    is refused."""
     data = fake_data(tmp_path / "data")
     run = train(tiny(data, tmp_path / "run", max_steps=2, eval_every=0), progress=False)
+    args = ["sample", str(run), "--prompt", "abc", "--max-new-tokens", "5", "--seed", "1"]
     for weights in ("bf16", "int8"):
-        args = ["sample", str(run), "--prompt", "abc", "--max-new-tokens", "5", "--seed", "1"]
         assert main([*args, "--weights", weights]) == 0
         assert capsys.readouterr().out.startswith("abc")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["sample", str(run), "--weights", "int4"])
-    assert exit_info.value.code == 2
+    assert main([*args, "--weights", "int8", "--kv-cache", "bf16"]) == 0
+    assert capsys.readouterr().out.startswith("abc")
+    for bad in (["--weights", "int4"], ["--kv-cache", "int8"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["sample", str(run), *bad])
+        assert exit_info.value.code == 2
     with pytest.raises(GptkitError):
         quantize_model(GPT(tiny_config()), "int4")

@@ -15,6 +15,7 @@ from serve_helpers import make_model_dir, metric, running_server
 from gptkit import cli
 from gptkit.checkpoint import load
 from gptkit.generate import stream_text
+from gptkit.model import KV_CACHE_DTYPES
 
 MAX_TOKENS = 24
 
@@ -307,10 +308,11 @@ def test_serve_command_rejects_bad_arguments(tmp_path, capsys):
     assert len(err) == 2 and all(line.startswith("gptkit: error:") for line in err)
 
 
-@pytest.mark.parametrize("weights", ["bf16", "int8"])
-def test_serve_command_serves_small_weights(tmp_path, monkeypatch, weights):
-    """Guards `gptkit serve --weights`: the served model holds bf16/int8 matrices and the
-    app answers a completion with it."""
+@pytest.mark.parametrize(("weights", "kv_cache"), [("bf16", "fp32"), ("int8", "bf16")])
+def test_serve_command_serves_small_weights(tmp_path, monkeypatch, weights, kv_cache):
+    """Guards `gptkit serve --weights` and `--kv-cache`: the served model holds bf16/int8
+    matrices, the scheduler's cache the dtype asked for, and the app answers a completion
+    with them."""
     import uvicorn
     from fastapi.testclient import TestClient
 
@@ -319,8 +321,10 @@ def test_serve_command_serves_small_weights(tmp_path, monkeypatch, weights):
     apps = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
     model_dir = make_model_dir(tmp_path / "tiny")
-    assert cli.main(["serve", str(model_dir), "--weights", weights]) == 0
-    model = apps[0].state.scheduler.model
+    assert cli.main(["serve", str(model_dir), "--weights", weights, "--kv-cache", kv_cache]) == 0
+    scheduler = apps[0].state.scheduler
+    assert scheduler.cache.k.dtype == KV_CACHE_DTYPES[kv_cache]
+    model = scheduler.model
     linears = [m for m in model.modules() if isinstance(m, WeightOnlyLinear)]
     expected = torch.bfloat16 if weights == "bf16" else torch.int8
     assert linears and all(m.weight.dtype == expected for m in linears)

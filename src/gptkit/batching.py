@@ -129,13 +129,21 @@ class Stats:
 class Scheduler:
     """The decoding thread. `submit` from any thread; events go out through `emit`."""
 
-    def __init__(self, model: GPT, eot_id: int | None, max_batch: int, max_queue: int) -> None:
+    def __init__(
+        self,
+        model: GPT,
+        eot_id: int | None,
+        max_batch: int,
+        max_queue: int,
+        kv_dtype: torch.dtype | None = None,
+    ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.model, self.eot_id = model.eval(), eot_id
         self.max_batch, self.max_queue = max_batch, max_queue
         param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        # The KV caches' dtype: the parameters' unless asked (bf16 halves what they read).
+        self.device, self.dtype = param.device, kv_dtype or param.dtype
         self.cache = SlotKVCache(model.config, max_batch, device=self.device, dtype=self.dtype)
         self.active: list[Sequence] = []  # row r of the cache belongs to active[r]
         self.waiting: deque[Sequence] = deque()

@@ -86,6 +86,7 @@ def sample(
     seed: int | None = None,
     device: str = "cpu",
     weights: Literal["fp32", "bf16", "int8"] = "fp32",
+    kv_cache: Literal["fp32", "bf16"] = "fp32",
 ) -> None:
     """Generate text from a trained model, streamed to stdout as it is produced.
 
@@ -100,11 +101,13 @@ def sample(
         seed: random seed, for reproducible samples
         device: cpu, cuda, or cuda:N
         weights: fp32, or weight-only bf16 / int8 (per-channel scales): 2x / 4x fewer bytes
+        kv_cache: fp32, or bf16: half the bytes each token reads from the KV cache (long texts)
     """
     import torch
 
     from gptkit.generate import stream_text, validate_sampling
     from gptkit.hf import load  # gptkit or Hugging Face directories
+    from gptkit.model import KV_CACHE_DTYPES
     from gptkit.quantize import quantize_model
 
     validate_sampling(max_new_tokens, temperature, top_k, top_p)
@@ -118,9 +121,11 @@ def sample(
         if num_samples > 1:
             print(f"{'-' * 20} sample {i + 1} {'-' * 20}", flush=True)
         sys.stdout.write(prompt)
-        for piece in stream_text(
-            model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, generator
-        ):
+        pieces = stream_text(
+            model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, generator,
+            kv_dtype=KV_CACHE_DTYPES[kv_cache],
+        )  # fmt: skip
+        for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -180,6 +185,7 @@ def serve(
     max_queue: int = 256,
     device: str = "cpu",
     weights: Literal["fp32", "bf16", "int8"] = "fp32",
+    kv_cache: Literal["fp32", "bf16"] = "fp32",
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a playground at /.
 
@@ -192,6 +198,7 @@ def serve(
         max_queue: sequences that may wait for a slot before requests get 429
         device: cpu, cuda, or cuda:N
         weights: fp32, or weight-only bf16 / int8 (per-channel scales): 2x / 4x fewer bytes
+        kv_cache: fp32, or bf16: half the KV cache's memory per slot and bytes read per token
     """
     from gptkit.serve import serve as run_server
 
@@ -199,7 +206,7 @@ def serve(
         raise GptkitError("--max-batch must be >= 1 and --max-queue >= 0")
     if not 0 <= port <= 65535:
         raise GptkitError(f"--port must be in [0, 65535], got {port}")
-    run_server(model, host, port, api_key, max_batch, max_queue, device, weights)
+    run_server(model, host, port, api_key, max_batch, max_queue, device, weights, kv_cache)
 
 
 def demo(

@@ -253,6 +253,7 @@ def stream(
     eot_id: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    kv_dtype: torch.dtype | None = None,
 ) -> Generator[torch.Tensor, None, None]:
     """Yield the next token of every row, (B,) per step, for prompts idx (B, T).
 
@@ -261,14 +262,19 @@ def stream(
     or after `max_new_tokens` steps. The model runs in eval mode under
     `torch.inference_mode()` (entered per step, never across a `yield`); its previous
     mode is restored when the stream ends or is closed. `use_cache=False` is the plain
-    reference: a full forward pass over the window per token. Bad arguments raise
-    GptkitError here, before the first token is asked for.
+    reference: a full forward pass over the window per token. `kv_dtype` is what the KV
+    cache stores keys and values in (default: the parameters' dtype); torch.bfloat16
+    halves what each step reads from it, which dominates long generations. Bad arguments
+    raise GptkitError here, before the first token is asked for.
     """
     validate_sampling(max_new_tokens, temperature, top_k, top_p)
     _check_prompt(model, idx)
+    if kv_dtype is not None and not kv_dtype.is_floating_point:
+        raise GptkitError(f"the KV cache must hold floating-point values, got {kv_dtype}")
     return _stream(
-        model, idx, max_new_tokens, temperature, top_k, top_p, eot_id, generator, use_cache
-    )
+        model, idx, max_new_tokens, temperature, top_k, top_p, eot_id, generator, use_cache,
+        kv_dtype,
+    )  # fmt: skip
 
 
 def _stream(
@@ -281,6 +287,7 @@ def _stream(
     eot_id: int | None,
     generator: torch.Generator | None,
     use_cache: bool,
+    kv_dtype: torch.dtype | None,
 ) -> Generator[torch.Tensor, None, None]:
     """The decoding loop behind `stream` (arguments already validated)."""
     if max_new_tokens == 0:
@@ -300,7 +307,8 @@ def _stream(
             cache = None
             if use_cache:
                 max_len = min(C, T + max_new_tokens)
-                cache = KVCache(model.config, B, max_len, device=param.device, dtype=param.dtype)
+                dtype = kv_dtype or param.dtype
+                cache = KVCache(model.config, B, max_len, device=param.device, dtype=dtype)
             # 1. prefill: the whole prompt in one pass (fills the cache when there is one)
             logits = _last_logits(model, idx, cache)  # (B, V)
         n = T  # tokens written
@@ -340,6 +348,7 @@ def generate(
     eot_id: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    kv_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Prompts idx (B, T) -> (B, T + n): the prompts followed by n <= max_new_tokens tokens.
 
@@ -347,8 +356,9 @@ def generate(
     the others are padded with `eot_id`. See `stream` for the arguments.
     """
     steps = stream(
-        model, idx, max_new_tokens, temperature, top_k, top_p, eot_id, generator, use_cache
-    )
+        model, idx, max_new_tokens, temperature, top_k, top_p, eot_id, generator, use_cache,
+        kv_dtype,
+    )  # fmt: skip
     new = [t.to(idx.device) for t in steps]  # n x (B,)
     if not new:
         return idx.clone()
@@ -366,6 +376,7 @@ def stream_text(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     use_cache: bool = True,
+    kv_dtype: torch.dtype | None = None,
 ) -> Iterator[str]:
     """Yield the text of one sample as it is produced, piece by piece (prompt excluded).
 
@@ -395,8 +406,9 @@ def stream_text(
         generator = torch.Generator(device=device).manual_seed(seed)
     idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
     tokens = stream(
-        model, idx, max_new_tokens, temperature, top_k, top_p, eot_id, generator, use_cache
-    )
+        model, idx, max_new_tokens, temperature, top_k, top_p, eot_id, generator, use_cache,
+        kv_dtype,
+    )  # fmt: skip
     return _text_pieces(tokenizer, tokens)
 
 

@@ -27,6 +27,9 @@ from gptkit.config import GPTConfig
 # The native decode step's activation codes (csrc/decode.cpp).
 NATIVE_ACTIVATIONS = {"gelu": 0, "relu": 1, "leaky_relu": 2}
 
+# What a KV cache may store its keys and values in, by the CLI's names (--kv-cache).
+KV_CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
 
 def sinusoidal_positions(n_positions: int, d_model: int) -> torch.Tensor:
     """(n_positions, d_model): sin on even dimensions, cos on odd, wavelengths 10000^(2i/d).
@@ -77,6 +80,12 @@ class KVCache:
     buffer of `band` positions instead (position p in slot p % band); `self.k`/`self.v`
     then hold only the dense layers, `self.slot[layer]` says where. `ring_buffers=False`
     keeps every layer at full length (a server copies such a cache into a `SlotKVCache`).
+
+    `dtype` is what the keys and values are stored in; `update` hands them back in the
+    dtype they came in. A bfloat16 cache under a fp32 model halves the cache's memory and
+    what every decode step reads from it (at position p, 2 x n_layer x p x d_model values:
+    at long contexts, the larger part of an int8 model's bytes per token), for keys and
+    values rounded to 8 significant bits.
     """
 
     def __init__(
@@ -110,6 +119,12 @@ class KVCache:
     def batch_size(self) -> int:
         return self.k.shape[1]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """What the keys and values are stored in (`update` hands them back in the
+        dtype they came in: a bf16 cache halves the memory and what each token reads)."""
+        return self.k.dtype
+
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,12 +139,13 @@ class KVCache:
         end = self.pos + k.shape[2]
         self.k[layer, :, :, self.pos : end] = k
         self.v[layer, :, :, self.pos : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return self.k[layer, :, :, :end].to(k.dtype), self.v[layer, :, :, :end].to(v.dtype)
 
     def _update_ring(
         self, i: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        W, T, pos = self.ring_k.shape[3], k.shape[2], self.pos
+        W, T, pos, dtype = self.ring_k.shape[3], k.shape[2], self.pos, k.dtype
+        k, v = k.to(self.dtype), v.to(self.dtype)  # rounded as stored
         # The cached positions a new query can still see: [pos - W + 1, pos), in order.
         past = torch.arange(max(0, pos - W + 1), pos, device=k.device) % W
         k_all = torch.cat([self.ring_k[i][:, :, past], k], dim=2)  # (B, H, S, D)
@@ -139,7 +155,7 @@ class KVCache:
         slots = torch.arange(pos + T - n, pos + T, device=k.device) % W
         self.ring_k[i][:, :, slots] = k[:, :, T - n :]
         self.ring_v[i][:, :, slots] = v[:, :, T - n :]
-        return k_all, v_all
+        return k_all.to(dtype), v_all.to(dtype)
 
     def positions_held(self, layer: int) -> int:
         """How many positions of keys (and of values) `layer` can hold: its memory."""
@@ -196,14 +212,16 @@ class SlotKVCache:
         B, _, T, _ = k.shape
         pos = self.positions(B, T)  # (B, T)
         rows = torch.arange(B, device=pos.device)[:, None]  # (B, 1)
-        self.k[layer][rows, :, pos] = k.transpose(1, 2)  # indexed view is (B, T, H, D)
-        self.v[layer][rows, :, pos] = v.transpose(1, 2)
+        dtype = self.k.dtype  # index_put takes no other
+        self.k[layer][rows, :, pos] = k.transpose(1, 2).to(dtype)  # indexed view: (B, T, H, D)
+        self.v[layer][rows, :, pos] = v.transpose(1, 2).to(dtype)
         S = int(self.lengths[:B].max()) + T
         keys = torch.arange(S, device=pos.device)  # (S,)
         mask = keys[None, None, :] <= pos[:, :, None]  # (B, T, S)
         if band is not None:
             mask &= keys[None, None, :] > pos[:, :, None] - band
-        return self.k[layer, :B, :, :S], self.v[layer, :B, :, :S], mask[:, None]
+        keys, values = self.k[layer, :B, :, :S].to(k.dtype), self.v[layer, :B, :, :S].to(v.dtype)
+        return keys, values, mask[:, None]
 
     def advance(self, B: int, n: int) -> None:
         self.lengths[:B] += n
@@ -629,8 +647,8 @@ class GPT(nn.Module):
         """The native `decode_step` op if it may run this forward pass, else None.
 
         It applies to a decode step on a CPU: one new int64 token per row, at most
-        `kernels.MAX_ROWS` rows, fp32 activations and a fp32 KV cache without ring buffers
-        (then layer l's keys are `kv_cache.k[l]`), eval mode without autograd, outside
+        `kernels.MAX_ROWS` rows, fp32 activations and a fp32 or bf16 KV cache without ring
+        buffers (then layer l's keys are `kv_cache.k[l]`), eval mode without autograd, outside
         torch.compile, no reference attention (`explain` reads its weights) and no forward
         hooks anywhere in the model (the op runs the whole step without calling modules).
         """
@@ -641,7 +659,7 @@ class GPT(nn.Module):
             or idx.shape[0] > kernels.MAX_ROWS
             or idx.device.type != "cpu"
             or idx.dtype != torch.long
-            or kv_cache.k.dtype != torch.float32
+            or kv_cache.k.dtype not in (torch.float32, torch.bfloat16)
             or (isinstance(kv_cache, KVCache) and kv_cache.ringed)
             or self.training
             or torch.is_grad_enabled()

@@ -54,9 +54,11 @@ def create_app(
     api_key: str | None = None,
     max_batch: int = 32,
     max_queue: int = 256,
+    kv_dtype: torch.dtype | None = None,
 ) -> FastAPI:
-    """The FastAPI app; its lifespan starts and stops the scheduler thread."""
-    scheduler = Scheduler(model, tokenizer.eot_id, max_batch, max_queue)
+    """The FastAPI app; its lifespan starts and stops the scheduler thread. `kv_dtype`:
+    what the KV cache stores (default: the parameters' dtype)."""
+    scheduler = Scheduler(model, tokenizer.eot_id, max_batch, max_queue, kv_dtype)
     context, vocab = model.config.context_length, model.config.vocab_size
     created = int(time.time())
     mailbox: Mailbox | None = None
@@ -358,16 +360,20 @@ def serve(
     max_queue: int,
     device: str = "cpu",
     weights: str = "fp32",
+    kv_cache: str = "fp32",
 ) -> None:
-    """Load a model directory (weights fp32, bf16 or int8) and serve it until interrupted."""
+    """Load a model directory (weights fp32, bf16 or int8) and serve it until interrupted;
+    the KV cache holds fp32 or bf16 (`kv_cache`)."""
     from pathlib import Path
 
     import uvicorn
 
     from gptkit.checkpoint import load
+    from gptkit.model import KV_CACHE_DTYPES
     from gptkit.quantize import quantize_model
 
     model, tokenizer = load(path, device=device)
     model = quantize_model(model, weights)
-    app = create_app(model, tokenizer, Path(path).resolve().name, api_key, max_batch, max_queue)
+    name, kv_dtype = Path(path).resolve().name, KV_CACHE_DTYPES[kv_cache]
+    app = create_app(model, tokenizer, name, api_key, max_batch, max_queue, kv_dtype)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -385,13 +385,64 @@ std::vector<double> decode_profile(bool reset) {
 
 // ---- the fused block -------------------------------------------------------------------
 
-float dot(const float* a, const float* b, int64_t n) {
-  Vec acc = vzero();
-  int64_t i = 0;
-  for (; i + kWidth <= n; i += kWidth) acc = vfma(vload(a + i), vload(b + i), acc);
-  float s = vsum(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
+// Prefetches the KV-cache row kAhead bytes past `row` (rows of `bytes`). A head reads its
+// keys, then its values, each one sequential stream, but the hardware prefetchers alone
+// kept attention 1.2-1.3x slower at position 900 of gpt2 (RESULTS.md, session 11).
+inline void prefetch_row_ahead(const void* row, int64_t bytes) {
+  const char* ahead = static_cast<const char*>(row) + kAhead;
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+}
+
+// w[s] = dot(q, k[s]) * factor for s in [first, last], keys k (rows of D, fp32 or bf16).
+template <typename T>
+void key_scores(const float* q, const T* k, int64_t first, int64_t last, int64_t D,
+                float factor, float* w) {
+  for (int64_t s = first; s <= last; ++s) {
+    const T* ks = k + s * D;
+    prefetch_row_ahead(ks, D * int64_t(sizeof(T)));
+    Vec acc = vzero();
+    int64_t d = 0;
+    for (; d + kWidth <= D; d += kWidth) acc = vfma(vload(q + d), vload(ks + d), acc);
+    float dot = vsum(acc);
+    for (; d < D; ++d) dot += q[d] * to_float(ks[d]);
+    w[s] = dot * factor;
+  }
+}
+
+// o (D) = sum of w[s] v[s] for s in [first, last], values v (rows of D, fp32 or bf16). The
+// sums stay in registers, kSpan vectors of o per pass over the rows.
+template <typename T>
+void weighted_values(const float* w, const T* v, int64_t first, int64_t last, int64_t D,
+                     float* o) {
+  constexpr int64_t kSpan = 8;
+  const int64_t whole = D - D % kWidth;  // the entries that fill vectors
+  for (int64_t d0 = 0, n = 0; d0 < whole; d0 += n * kWidth) {
+    n = std::min(kSpan, (whole - d0) / kWidth);  // vectors in this pass
+    Vec acc[kSpan];
+    for (int64_t j = 0; j < kSpan; ++j) acc[j] = vzero();
+    for (int64_t s = first; s <= last; ++s) {
+      const T* vs = v + s * D + d0;
+      if (d0 == 0) prefetch_row_ahead(v + s * D, D * int64_t(sizeof(T)));
+      const Vec ws = vset(w[s]);
+      for (int64_t j = 0; j < kSpan; ++j)
+        if (j < n) acc[j] = vfma(ws, vload(vs + j * kWidth), acc[j]);
+    }
+    for (int64_t j = 0; j < n; ++j) vstore(o + d0 + j * kWidth, acc[j]);
+  }
+  for (int64_t d0 = whole; d0 < D; ++d0) {  // the tail of D
+    float sum = 0.0f;
+    for (int64_t s = first; s <= last; ++s) sum += w[s] * to_float(v[s * D + d0]);
+    o[d0] = sum;
+  }
+}
+
+// A KV cache holds fp32 or bf16 (as its raw 16 bits); new keys and values are stored
+// rounded to the nearest bf16, ties to even, as torch's conversion rounds them.
+inline void store_kv(const float* src, int64_t n, float* dst) {
+  std::memcpy(dst, src, sizeof(float) * n);
+}
+inline void store_kv(const float* src, int64_t n, uint16_t* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::BFloat16(src[i]).x;
 }
 
 using FVec = at::vec::Vectorized<float>;  // ATen's vector type, for its exp and tanh
@@ -537,8 +588,10 @@ struct Scratch {
 };
 
 // Heads attend, each to its own row's keys: att[m, head] = softmax(q k^T / sqrt(D)) v over
-// the positions [max(0, p[m] - band + 1), p[m]] of cache row m (kc, vc: (rows, H, S, D)).
-void attend(const float* qkv, const float* kc, const float* vc, const int64_t* p, int64_t band,
+// the positions [max(0, p[m] - band + 1), p[m]] of cache row m (kc, vc: (rows, H, S, D),
+// fp32 or bf16).
+template <typename T>
+void attend(const float* qkv, const T* kc, const T* vc, const int64_t* p, int64_t band,
             int64_t M, int64_t H, int64_t S, int64_t D, float* att) {
   const int64_t C = H * D;
   const float inv_sqrt_d = 1.0f / std::sqrt(float(D));
@@ -548,21 +601,13 @@ void attend(const float* qkv, const float* kc, const float* vc, const int64_t* p
       const int64_t m = i / H, hd = i % H;
       const int64_t first = band > 0 ? std::max<int64_t>(0, p[m] - band + 1) : 0;
       const float* q = qkv + m * 3 * C + hd * D;
-      const float* k = kc + (m * H + hd) * S * D;
-      const float* v = vc + (m * H + hd) * S * D;
-      float top = -INFINITY;
-      for (int64_t s = first; s <= p[m]; ++s) {
-        w[s] = dot(q, k + s * D, D) * inv_sqrt_d;
-        top = std::max(top, w[s]);
-      }
+      const T* k = kc + (m * H + hd) * S * D;
+      const T* v = vc + (m * H + hd) * S * D;
+      key_scores(q, k, first, p[m], D, inv_sqrt_d, w.data());
+      const float top = *std::max_element(&w[first], &w[p[m]] + 1);
       const float total = exp_shifted(&w[first], p[m] + 1 - first, top);
-      float* o = att + m * C + hd * D;
-      std::fill(o, o + D, 0.0f);
-      for (int64_t s = first; s <= p[m]; ++s) {
-        const float ws = w[s] / total;
-        const float* vs = v + s * D;
-        for (int64_t d = 0; d < D; ++d) o[d] += ws * vs[d];
-      }
+      for (int64_t s = first; s <= p[m]; ++s) w[s] /= total;
+      weighted_values(w.data(), v, first, p[m], D, att + m * C + hd * D);
     }
   });
 }
@@ -570,8 +615,9 @@ void attend(const float* qkv, const float* kc, const float* vc, const int64_t* p
 // One block on the residual rows r (M, C), in place, as model.py's Block.forward:
 //   pre-LN:  r += attn(LN1(r));  r += mlp(LN2(r))
 //   post-LN: r = LN1(r + attn(r));  r = LN2(r + mlp(r))
-// The new keys and values go to position p[m] of cache row m first.
-void block_step(const Block& blk, float* r, float* kc, float* vc, const int64_t* p, int64_t M,
+// The new keys and values go to position p[m] of cache row m first (kc, vc: fp32 or bf16).
+template <typename T>
+void block_step(const Block& blk, float* r, T* kc, T* vc, const int64_t* p, int64_t M,
                 int64_t H, int64_t S, bool post_norm, int64_t activation, float slope,
                 double eps, Scratch& buf, Laps& laps) {
   const int64_t C = blk.qkv.in_features(), D = C / H, F = blk.fc.out_features();
@@ -586,8 +632,8 @@ void block_step(const Block& blk, float* r, float* kc, float* vc, const int64_t*
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t hd = 0; hd < H; ++hd) {
       const int64_t at = ((m * H + hd) * S + p[m]) * D;
-      std::memcpy(kc + at, &buf.qkv[m * 3 * C + C + hd * D], sizeof(float) * D);
-      std::memcpy(vc + at, &buf.qkv[m * 3 * C + 2 * C + hd * D], sizeof(float) * D);
+      store_kv(&buf.qkv[m * 3 * C + C + hd * D], D, kc + at);
+      store_kv(&buf.qkv[m * 3 * C + 2 * C + hd * D], D, vc + at);
     }
   }
   attend(buf.qkv.data(), kc, vc, p, blk.band, M, H, S, D, buf.att.data());
@@ -666,7 +712,7 @@ void embedding_row(const at::Tensor& table, const float* scale, int64_t id, int6
 //                     blocked as a tied head's weight), and its row scales (int8, blocked)
 //   embed_scale       factor on the token embedding (sqrt(C) or 1)
 //   positions         (P, C) float32: learned position vectors or the sinusoidal table
-//   k_cache, v_cache  (L, rows >= M, H, S, D) float32; layer l uses [l]
+//   k_cache, v_cache  (L, rows >= M, H, S, D) float32 or bfloat16; layer l uses [l]
 //   pos               (M,) int64: the position of row m's new token (its cache slot)
 //   bands             one per layer: > 0 limits a query to its last `band` keys
 //   weights           Block::kTensors per layer
@@ -704,13 +750,17 @@ at::Tensor decode_step(const at::Tensor& idx, const at::Tensor& wte,
               " layers need ", L * Block::kTensors, " weights, got ", weights.size());
   const int64_t D = C / H;
   for (const at::Tensor* cache : {&k_cache, &v_cache}) {
-    TORCH_CHECK(cache->device().is_cpu() && cache->scalar_type() == at::kFloat &&
+    TORCH_CHECK(cache->device().is_cpu() &&
+                    (cache->scalar_type() == at::kFloat ||
+                     cache->scalar_type() == at::kBFloat16) &&
                     cache->is_contiguous() && cache->dim() == 5 && cache->size(0) == L &&
                     cache->size(1) >= M && cache->size(2) == H && cache->size(4) == D,
-                "decode_step: the KV cache must be contiguous float32 (", L, ", >= ", M,
-                ", ", H, ", S, ", D, "), got ", cache->sizes());
+                "decode_step: the KV cache must be contiguous float32 or bfloat16 (", L,
+                ", >= ", M, ", ", H, ", S, ", D, "), got ", cache->sizes());
   }
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "decode_step: keys and values differ");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() &&
+                  k_cache.scalar_type() == v_cache.scalar_type(),
+              "decode_step: keys and values differ");
   const int64_t S = k_cache.size(3), per_layer = k_cache[0].numel();
   TORCH_CHECK(pos.numel() == M && pos.scalar_type() == at::kLong && pos.device().is_cpu(),
               "decode_step: pos must hold one int64 position per row");
@@ -746,11 +796,18 @@ at::Tensor decode_step(const at::Tensor& idx, const at::Tensor& wte,
     for (int64_t c = 0; c < C; ++c) x[m * C + c] += table[p[m] * C + c];
   }
   // 2. the blocks
-  for (int64_t l = 0; l < L; ++l) {
-    TORCH_CHECK(blocks[l].fc.out_features() == F, "decode_step: layers of different widths");
-    block_step(blocks[l], x.data(), k_cache.data_ptr<float>() + l * per_layer,
-               v_cache.data_ptr<float>() + l * per_layer, p, M, H, S, post_norm, activation,
-               float(slope), eps, buf, laps);
+  auto run_blocks = [&](auto* kc, auto* vc) {  // the caches' data, fp32 or bf16
+    for (int64_t l = 0; l < L; ++l) {
+      TORCH_CHECK(blocks[l].fc.out_features() == F, "decode_step: layers of different widths");
+      block_step(blocks[l], x.data(), kc + l * per_layer, vc + l * per_layer, p, M, H, S,
+                 post_norm, activation, float(slope), eps, buf, laps);
+    }
+  };
+  if (k_cache.scalar_type() == at::kBFloat16) {
+    run_blocks(reinterpret_cast<uint16_t*>(k_cache.data_ptr()),
+               reinterpret_cast<uint16_t*>(v_cache.data_ptr()));
+  } else {
+    run_blocks(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
   }
   // 3. final norm (pre-LN models), then the unembedding
   if (g) layer_norm(x.data(), g, b, eps, M, C, x.data());
