@@ -385,55 +385,15 @@ std::vector<double> decode_profile(bool reset) {
 
 // ---- the fused block -------------------------------------------------------------------
 
-// Prefetches the KV-cache row kAhead bytes past `row` (rows of `bytes`). A head reads its
-// keys, then its values, each one sequential stream, but the hardware prefetchers alone
-// kept attention 1.2-1.3x slower at position 900 of gpt2 (RESULTS.md, session 11).
-inline void prefetch_row_ahead(const void* row, int64_t bytes) {
-  const char* ahead = static_cast<const char*>(row) + kAhead;
-  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
-}
-
-// w[s] = dot(q, k[s]) * factor for s in [first, last], keys k (rows of D, fp32 or bf16).
+// dot(a, b) for fp32 a and fp32 or bf16 b (a KV cache's keys).
 template <typename T>
-void key_scores(const float* q, const T* k, int64_t first, int64_t last, int64_t D,
-                float factor, float* w) {
-  for (int64_t s = first; s <= last; ++s) {
-    const T* ks = k + s * D;
-    prefetch_row_ahead(ks, D * int64_t(sizeof(T)));
-    Vec acc = vzero();
-    int64_t d = 0;
-    for (; d + kWidth <= D; d += kWidth) acc = vfma(vload(q + d), vload(ks + d), acc);
-    float dot = vsum(acc);
-    for (; d < D; ++d) dot += q[d] * to_float(ks[d]);
-    w[s] = dot * factor;
-  }
-}
-
-// o (D) = sum of w[s] v[s] for s in [first, last], values v (rows of D, fp32 or bf16). The
-// sums stay in registers, kSpan vectors of o per pass over the rows.
-template <typename T>
-void weighted_values(const float* w, const T* v, int64_t first, int64_t last, int64_t D,
-                     float* o) {
-  constexpr int64_t kSpan = 8;
-  const int64_t whole = D - D % kWidth;  // the entries that fill vectors
-  for (int64_t d0 = 0, n = 0; d0 < whole; d0 += n * kWidth) {
-    n = std::min(kSpan, (whole - d0) / kWidth);  // vectors in this pass
-    Vec acc[kSpan];
-    for (int64_t j = 0; j < kSpan; ++j) acc[j] = vzero();
-    for (int64_t s = first; s <= last; ++s) {
-      const T* vs = v + s * D + d0;
-      if (d0 == 0) prefetch_row_ahead(v + s * D, D * int64_t(sizeof(T)));
-      const Vec ws = vset(w[s]);
-      for (int64_t j = 0; j < kSpan; ++j)
-        if (j < n) acc[j] = vfma(ws, vload(vs + j * kWidth), acc[j]);
-    }
-    for (int64_t j = 0; j < n; ++j) vstore(o + d0 + j * kWidth, acc[j]);
-  }
-  for (int64_t d0 = whole; d0 < D; ++d0) {  // the tail of D
-    float sum = 0.0f;
-    for (int64_t s = first; s <= last; ++s) sum += w[s] * to_float(v[s * D + d0]);
-    o[d0] = sum;
-  }
+float dot(const float* a, const T* b, int64_t n) {
+  Vec acc = vzero();
+  int64_t i = 0;
+  for (; i + kWidth <= n; i += kWidth) acc = vfma(vload(a + i), vload(b + i), acc);
+  float s = vsum(acc);
+  for (; i < n; ++i) s += a[i] * to_float(b[i]);
+  return s;
 }
 
 // A KV cache holds fp32 or bf16 (as its raw 16 bits); new keys and values are stored
@@ -603,11 +563,19 @@ void attend(const float* qkv, const T* kc, const T* vc, const int64_t* p, int64_
       const float* q = qkv + m * 3 * C + hd * D;
       const T* k = kc + (m * H + hd) * S * D;
       const T* v = vc + (m * H + hd) * S * D;
-      key_scores(q, k, first, p[m], D, inv_sqrt_d, w.data());
-      const float top = *std::max_element(&w[first], &w[p[m]] + 1);
+      float top = -INFINITY;
+      for (int64_t s = first; s <= p[m]; ++s) {
+        w[s] = dot(q, k + s * D, D) * inv_sqrt_d;
+        top = std::max(top, w[s]);
+      }
       const float total = exp_shifted(&w[first], p[m] + 1 - first, top);
-      for (int64_t s = first; s <= p[m]; ++s) w[s] /= total;
-      weighted_values(w.data(), v, first, p[m], D, att + m * C + hd * D);
+      float* o = att + m * C + hd * D;
+      std::fill(o, o + D, 0.0f);
+      for (int64_t s = first; s <= p[m]; ++s) {
+        const float ws = w[s] / total;
+        const T* vs = v + s * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += ws * to_float(vs[d]);
+      }
     }
   });
 }
