@@ -169,13 +169,19 @@ def test_slot_cache_rows_at_different_lengths(name, dtype, native_calls):
     assert len(native_calls) == 12
 
 
-def test_ring_buffered_cache_stays_eager(native_calls):
-    """A banded layer kept in a ring buffer has no slot at each position: eager it is."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_ring_buffered_cache_steps_equal_the_eager_blocks(dtype, batch, native_calls):
+    """Guards GPT-3's banded layers kept in ring buffers of `band` slots (what `generate`
+    makes once a text outgrows the band): the op writes position p at slot p % band and
+    attends over the band's slots, which wrap around many times here."""
     model = _model("banded")
-    cache = KVCache(model.config, 1)
-    assert cache.ringed
-    _stepped_logits(model, torch.randint(0, 61, (1, 12)), 4, cache, native=True)
-    assert native_calls == []
+    cfg = model.config
+    idx = torch.randint(0, cfg.vocab_size, (batch, cfg.context_length))
+    make_cache = lambda: KVCache(cfg, batch, dtype=dtype)  # noqa: E731
+    assert make_cache().ringed and cfg.context_length > 4 * cfg.attn_band
+    _assert_same_steps(model, idx, 3, make_cache)
+    assert len(native_calls) == cfg.context_length - 3
 
 
 def test_hooks_training_autograd_and_reference_attention_stay_eager(native_calls):
@@ -248,6 +254,7 @@ def test_bad_arguments_get_messages():
     good = dict(
         idx=torch.zeros(1, dtype=torch.long), wte=model.wte.weight, wte_scale=None,
         embed_scale=1.0, positions=model.wpe.weight, k_cache=cache.k, v_cache=cache.v,
+        ring_k=cache.ring_k, ring_v=cache.ring_v, slots=[0, 1],
         pos=torch.zeros(1, dtype=torch.long), bands=[0, 0], n_head=cfg.n_head,
         post_norm=False, activation=0, slope=0.0, eps=1e-5, weights=weights,
         lnf_w=model.ln_f.weight, lnf_b=model.ln_f.bias, head=model.lm_head.weight,
@@ -258,12 +265,18 @@ def test_bad_arguments_get_messages():
         return op(*{**good, **changes}.values())
 
     assert call().shape == (1, cfg.vocab_size)
+    ring = torch.zeros(1, 1, cfg.n_head, 4, cfg.head_dim)  # one ring buffer of 4 slots
     bad = [
         ("2 layers need 32 weights, got 31", dict(weights=weights[:-1])),
         ("outside the cache", dict(pos=torch.tensor([cfg.context_length]))),
         ("token id 61 outside", dict(idx=torch.tensor([cfg.vocab_size]))),
         ("heads do not divide", dict(n_head=5)),
-        ("KV cache must be", dict(bands=[0, 0, 0], weights=weights + weights[:16])),
+        ("one cache slot per layer", dict(bands=[0, 0, 0], weights=weights + weights[:16])),
+        ("all of one dtype", dict(ring_k=cache.ring_k.bfloat16(), ring_v=cache.ring_v.bfloat16())),
+        ("KV cache must be", dict(k_cache=cache.k[:, :, :, :, :4], v_cache=cache.v[..., :4])),
+        ("slot is out of range", dict(slots=[0, 2])),
+        ("slot is out of range", dict(slots=[0, -1])),  # no ring buffers
+        ("band must fit its ring buffer of 4", dict(slots=[0, -1], ring_k=ring, ring_v=ring)),
         ("qkv must have", dict(weights=weights[:4] + weights[10:13] + weights[7:])),
     ]
     for message, changes in bad:

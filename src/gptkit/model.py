@@ -107,6 +107,10 @@ class KVCache:
             layer: n for n, layer in enumerate(ringed)
         }
         self.ringed = frozenset(ringed)
+        # The native decode step's view of `slot`: i for k[i], -1 - i for ring_k[i].
+        self.native_slots = [
+            -1 - self.slot[i] if i in self.ringed else self.slot[i] for i in range(config.n_layer)
+        ]
         shape = (len(dense), batch_size, config.n_head, self.max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L_dense, B, H, S_max, D)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -647,8 +651,8 @@ class GPT(nn.Module):
         """The native `decode_step` op if it may run this forward pass, else None.
 
         It applies to a decode step on a CPU: one new int64 token per row, at most
-        `kernels.MAX_ROWS` rows, fp32 activations and a fp32 or bf16 KV cache without ring
-        buffers (then layer l's keys are `kv_cache.k[l]`), eval mode without autograd, outside
+        `kernels.MAX_ROWS` rows, fp32 activations and a fp32 or bf16 KV cache (ring buffers
+        included), eval mode without autograd, outside
         torch.compile, no reference attention (`explain` reads its weights) and no forward
         hooks anywhere in the model (the op runs the whole step without calling modules).
         """
@@ -660,7 +664,6 @@ class GPT(nn.Module):
             or idx.device.type != "cpu"
             or idx.dtype != torch.long
             or kv_cache.k.dtype not in (torch.float32, torch.bfloat16)
-            or (isinstance(kv_cache, KVCache) and kv_cache.ringed)
             or self.training
             or torch.is_grad_enabled()
             or torch.compiler.is_compiling()
@@ -683,17 +686,22 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """`forward` of idx (B, 1) through the cache in one native call: logits (B, V).
 
-        Row b's token sits at position pos[b]; its keys and values go to layer l's
-        kv_cache.k[l] (and .v) there and it attends to its row's keys up to it: what the
-        eager modules do through the cache, which then advances by one.
+        Row b's token sits at position pos[b]; its keys and values go to layer l's part of
+        the cache there (a ring buffer's slot pos[b] % band for a ring-buffered layer) and
+        it attends to its row's keys up to it: what the eager modules do through the
+        cache, which then advances by one.
         """
         cfg, B = self.config, idx.shape[0]
         if isinstance(kv_cache, SlotKVCache):
             pos = kv_cache.lengths[:B]
             self._check_room(kv_cache, int(pos.max()) + 1)
+            ring_k = ring_v = kv_cache.k[:0]  # no ring buffers: layer l is k[l]
+            slots = list(range(cfg.n_layer))
         else:
             self._check_room(kv_cache, kv_cache.pos + 1)
             pos = torch.full((B,), kv_cache.pos)
+            ring_k, ring_v = kv_cache.ring_k, kv_cache.ring_v
+            slots = kv_cache.native_slots
         wte, head = self._modules["wte"], self._modules["lm_head"]
         if cfg.positional == "learned":
             table = _own_tensor(self._modules["wpe"], "weight")
@@ -703,7 +711,8 @@ class GPT(nn.Module):
         logits = op(
             idx.view(B), _own_tensor(wte, "weight"), _own_tensor(wte, "scale"),
             math.sqrt(cfg.d_model) if cfg.embed_scale else 1.0, table,
-            kv_cache.k, kv_cache.v, pos, [cfg.attn_band_of(i) or 0 for i in range(cfg.n_layer)],
+            kv_cache.k, kv_cache.v, ring_k, ring_v, slots, pos,
+            [cfg.attn_band_of(i) or 0 for i in range(cfg.n_layer)],
             cfg.n_head, cfg.norm == "post", NATIVE_ACTIVATIONS[cfg.activation], cfg.leaky_slope,
             cfg.layer_norm_eps, [t for block in self.h for t in block.native_tensors()],
             _own_tensor(ln_f, "weight"), _own_tensor(ln_f, "bias"),

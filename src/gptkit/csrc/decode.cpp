@@ -547,34 +547,48 @@ struct Scratch {
       : h(M * C), qkv(M * 3 * C), att(M * C), a(M * C), f(M * F) {}
 };
 
-// Heads attend, each to its own row's keys: att[m, head] = softmax(q k^T / sqrt(D)) v over
-// the positions [max(0, p[m] - band + 1), p[m]] of cache row m (kc, vc: (rows, H, S, D),
-// fp32 or bf16).
+// One layer's keys and values in a KV cache: (rows, H, S, D) each, fp32 or bf16. Position
+// s is held at slot s, or at s % S in a ring buffer (a banded layer's last S positions).
 template <typename T>
-void attend(const float* qkv, const T* kc, const T* vc, const int64_t* p, int64_t band,
-            int64_t M, int64_t H, int64_t S, int64_t D, float* att) {
+struct LayerCache {
+  T *k, *v;
+  int64_t S;
+  bool ring;
+
+  int64_t slot(int64_t s) const { return ring ? s % S : s; }
+  // The first value of (row m, head hd) at position s, in k or v.
+  int64_t at(int64_t m, int64_t hd, int64_t H, int64_t D, int64_t s) const {
+    return ((m * H + hd) * S + slot(s)) * D;
+  }
+};
+
+// Heads attend, each to its own row's keys: att[m, head] = softmax(q k^T / sqrt(D)) v over
+// the positions [max(0, p[m] - band + 1), p[m]] of cache row m.
+template <typename T>
+void attend(const float* qkv, const LayerCache<T>& cache, const int64_t* p, int64_t band,
+            int64_t M, int64_t H, int64_t D, float* att) {
   const int64_t C = H * D;
   const float inv_sqrt_d = 1.0f / std::sqrt(float(D));
   at::parallel_for(0, M * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> w(S);
+    std::vector<float> w;  // w[s - first]: the weight of position s
     for (int64_t i = begin; i < end; ++i) {
       const int64_t m = i / H, hd = i % H;
       const int64_t first = band > 0 ? std::max<int64_t>(0, p[m] - band + 1) : 0;
+      const int64_t n = p[m] + 1 - first;
+      w.resize(n);
       const float* q = qkv + m * 3 * C + hd * D;
-      const T* k = kc + (m * H + hd) * S * D;
-      const T* v = vc + (m * H + hd) * S * D;
       float top = -INFINITY;
-      for (int64_t s = first; s <= p[m]; ++s) {
-        w[s] = dot(q, k + s * D, D) * inv_sqrt_d;
-        top = std::max(top, w[s]);
+      for (int64_t j = 0; j < n; ++j) {
+        w[j] = dot(q, cache.k + cache.at(m, hd, H, D, first + j), D) * inv_sqrt_d;
+        top = std::max(top, w[j]);
       }
-      const float total = exp_shifted(&w[first], p[m] + 1 - first, top);
+      const float total = exp_shifted(w.data(), n, top);
       float* o = att + m * C + hd * D;
       std::fill(o, o + D, 0.0f);
-      for (int64_t s = first; s <= p[m]; ++s) {
-        const float ws = w[s] / total;
-        const T* vs = v + s * D;
-        for (int64_t d = 0; d < D; ++d) o[d] += ws * to_float(vs[d]);
+      for (int64_t j = 0; j < n; ++j) {
+        const float wj = w[j] / total;
+        const T* vs = cache.v + cache.at(m, hd, H, D, first + j);
+        for (int64_t d = 0; d < D; ++d) o[d] += wj * to_float(vs[d]);
       }
     }
   });
@@ -583,10 +597,10 @@ void attend(const float* qkv, const T* kc, const T* vc, const int64_t* p, int64_
 // One block on the residual rows r (M, C), in place, as model.py's Block.forward:
 //   pre-LN:  r += attn(LN1(r));  r += mlp(LN2(r))
 //   post-LN: r = LN1(r + attn(r));  r = LN2(r + mlp(r))
-// The new keys and values go to position p[m] of cache row m first (kc, vc: fp32 or bf16).
+// The new keys and values go to position p[m] of cache row m first.
 template <typename T>
-void block_step(const Block& blk, float* r, T* kc, T* vc, const int64_t* p, int64_t M,
-                int64_t H, int64_t S, bool post_norm, int64_t activation, float slope,
+void block_step(const Block& blk, float* r, const LayerCache<T>& cache, const int64_t* p,
+                int64_t M, int64_t H, bool post_norm, int64_t activation, float slope,
                 double eps, Scratch& buf, Laps& laps) {
   const int64_t C = blk.qkv.in_features(), D = C / H, F = blk.fc.out_features();
   const float* in = r;
@@ -599,12 +613,12 @@ void block_step(const Block& blk, float* r, T* kc, T* vc, const int64_t* p, int6
   laps.lap(kProducts);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t hd = 0; hd < H; ++hd) {
-      const int64_t at = ((m * H + hd) * S + p[m]) * D;
-      store_kv(&buf.qkv[m * 3 * C + C + hd * D], D, kc + at);
-      store_kv(&buf.qkv[m * 3 * C + 2 * C + hd * D], D, vc + at);
+      const int64_t at = cache.at(m, hd, H, D, p[m]);
+      store_kv(&buf.qkv[m * 3 * C + C + hd * D], D, cache.k + at);
+      store_kv(&buf.qkv[m * 3 * C + 2 * C + hd * D], D, cache.v + at);
     }
   }
-  attend(buf.qkv.data(), kc, vc, p, blk.band, M, H, S, D, buf.att.data());
+  attend(buf.qkv.data(), cache, p, blk.band, M, H, D, buf.att.data());
   laps.lap(kAttention);  // with the cache writes
   const float* attended = buf.att.data();
   if (blk.out) {
@@ -680,8 +694,12 @@ void embedding_row(const at::Tensor& table, const float* scale, int64_t id, int6
 //                     blocked as a tied head's weight), and its row scales (int8, blocked)
 //   embed_scale       factor on the token embedding (sqrt(C) or 1)
 //   positions         (P, C) float32: learned position vectors or the sinusoidal table
-//   k_cache, v_cache  (L, rows >= M, H, S, D) float32 or bfloat16; layer l uses [l]
-//   pos               (M,) int64: the position of row m's new token (its cache slot)
+//   k_cache, v_cache  (L_dense, rows >= M, H, S, D) float32 or bfloat16
+//   ring_k, ring_v    (L_ring, rows >= M, H, W, D), the same dtype: ring buffers of banded
+//                     layers (position s at slot s % W; L_ring may be 0)
+//   slots             one per layer: slots[l] >= 0 keeps layer l's keys in k_cache[slots[l]],
+//                     slots[l] < 0 in ring_k[-1 - slots[l]] (then 0 < bands[l] <= W)
+//   pos               (M,) int64: the position of row m's new token
 //   bands             one per layer: > 0 limits a query to its last `band` keys
 //   weights           Block::kTensors per layer
 //   lnf_w, lnf_b      the final layer norm (None: no final norm)
@@ -690,6 +708,7 @@ void embedding_row(const at::Tensor& table, const float* scale, int64_t id, int6
 at::Tensor decode_step(const at::Tensor& idx, const at::Tensor& wte,
                        const std::optional<at::Tensor>& wte_scale, double embed_scale,
                        const at::Tensor& positions, at::Tensor& k_cache, at::Tensor& v_cache,
+                       at::Tensor& ring_k, at::Tensor& ring_v, at::IntArrayRef slots,
                        const at::Tensor& pos, at::IntArrayRef bands, int64_t n_head,
                        bool post_norm, int64_t activation, double slope, double eps,
                        const c10::List<std::optional<at::Tensor>>& weights,
@@ -717,19 +736,29 @@ at::Tensor decode_step(const at::Tensor& idx, const at::Tensor& wte,
   TORCH_CHECK(int64_t(weights.size()) == L * Block::kTensors, "decode_step: ", L,
               " layers need ", L * Block::kTensors, " weights, got ", weights.size());
   const int64_t D = C / H;
-  for (const at::Tensor* cache : {&k_cache, &v_cache}) {
+  for (const at::Tensor* cache : {&k_cache, &v_cache, &ring_k, &ring_v}) {
     TORCH_CHECK(cache->device().is_cpu() &&
                     (cache->scalar_type() == at::kFloat ||
                      cache->scalar_type() == at::kBFloat16) &&
-                    cache->is_contiguous() && cache->dim() == 5 && cache->size(0) == L &&
-                    cache->size(1) >= M && cache->size(2) == H && cache->size(4) == D,
-                "decode_step: the KV cache must be contiguous float32 or bfloat16 (", L,
-                ", >= ", M, ", ", H, ", S, ", D, "), got ", cache->sizes());
+                    cache->scalar_type() == k_cache.scalar_type() && cache->is_contiguous() &&
+                    cache->dim() == 5 && cache->size(1) >= M && cache->size(2) == H &&
+                    cache->size(4) == D,
+                "decode_step: the KV cache must be contiguous float32 or bfloat16 (layers, "
+                ">= ", M, ", ", H, ", S, ", D, "), all of one dtype, got ", cache->sizes());
   }
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() &&
-                  k_cache.scalar_type() == v_cache.scalar_type(),
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && ring_k.sizes() == ring_v.sizes(),
               "decode_step: keys and values differ");
-  const int64_t S = k_cache.size(3), per_layer = k_cache[0].numel();
+  const int64_t S = k_cache.size(3), W = ring_k.size(3);
+  TORCH_CHECK(int64_t(slots.size()) == L, "decode_step: one cache slot per layer");
+  bool dense = false;  // whether some layer keeps every position (then they must fit S)
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t i = slots[l] >= 0 ? slots[l] : -1 - slots[l];
+    const at::Tensor& keys = slots[l] >= 0 ? k_cache : ring_k;
+    TORCH_CHECK(i < keys.size(0), "decode_step: layer ", l, "'s cache slot is out of range");
+    TORCH_CHECK(slots[l] >= 0 || (0 < bands[l] && bands[l] <= W), "decode_step: layer ", l,
+                "'s band must fit its ring buffer of ", W);
+    dense = dense || slots[l] >= 0;
+  }
   TORCH_CHECK(pos.numel() == M && pos.scalar_type() == at::kLong && pos.device().is_cpu(),
               "decode_step: pos must hold one int64 position per row");
   TORCH_CHECK(positions.scalar_type() == at::kFloat && positions.is_contiguous() &&
@@ -741,8 +770,8 @@ at::Tensor decode_step(const at::Tensor& idx, const at::Tensor& wte,
   for (int64_t m = 0; m < M; ++m) {
     TORCH_CHECK(0 <= id[m] && id[m] < V, "decode_step: token id ", id[m], " outside [0, ", V,
                 ")");
-    TORCH_CHECK(0 <= p[m] && p[m] < S && p[m] < positions.size(0), "decode_step: position ",
-                p[m], " outside the cache or the position table");
+    TORCH_CHECK(0 <= p[m] && (p[m] < S || !dense) && p[m] < positions.size(0),
+                "decode_step: position ", p[m], " outside the cache or the position table");
   }
   TORCH_CHECK(activation >= kGeluTanh && activation <= kLeakyRelu, "decode_step: activation");
   const float* wte_s = data_or_null(wte_scale, V, "the embedding's scale");
@@ -764,18 +793,23 @@ at::Tensor decode_step(const at::Tensor& idx, const at::Tensor& wte,
     for (int64_t c = 0; c < C; ++c) x[m * C + c] += table[p[m] * C + c];
   }
   // 2. the blocks
-  auto run_blocks = [&](auto* kc, auto* vc) {  // the caches' data, fp32 or bf16
+  auto run_blocks = [&](auto type) {  // the caches hold decltype(type): fp32 or bf16
+    using T = decltype(type);
+    auto data = [](at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); };
     for (int64_t l = 0; l < L; ++l) {
       TORCH_CHECK(blocks[l].fc.out_features() == F, "decode_step: layers of different widths");
-      block_step(blocks[l], x.data(), kc + l * per_layer, vc + l * per_layer, p, M, H, S,
-                 post_norm, activation, float(slope), eps, buf, laps);
+      const bool ring = slots[l] < 0;
+      at::Tensor &k = ring ? ring_k : k_cache, &v = ring ? ring_v : v_cache;
+      const int64_t first = (ring ? -1 - slots[l] : slots[l]) * k.stride(0);
+      const LayerCache<T> cache{data(k) + first, data(v) + first, ring ? W : S, ring};
+      block_step(blocks[l], x.data(), cache, p, M, H, post_norm, activation, float(slope), eps,
+                 buf, laps);
     }
   };
   if (k_cache.scalar_type() == at::kBFloat16) {
-    run_blocks(reinterpret_cast<uint16_t*>(k_cache.data_ptr()),
-               reinterpret_cast<uint16_t*>(v_cache.data_ptr()));
+    run_blocks(uint16_t{});
   } else {
-    run_blocks(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
+    run_blocks(float{});
   }
   // 3. final norm (pre-LN models), then the unembedding
   if (g) layer_norm(x.data(), g, b, eps, M, C, x.data());
@@ -793,7 +827,8 @@ TORCH_LIBRARY(GPTKIT_NS, m) {
   m.def("gemv(Tensor x, Tensor w, Tensor? scale, Tensor? bias) -> Tensor");
   m.def(
       "decode_step(Tensor idx, Tensor wte, Tensor? wte_scale, float embed_scale, "
-      "Tensor positions, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor pos, int[] bands, "
+      "Tensor positions, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) ring_k, "
+      "Tensor(d!) ring_v, int[] slots, Tensor pos, int[] bands, "
       "int n_head, bool post_norm, int activation, float slope, float eps, "
       "Tensor?[] weights, Tensor? lnf_w, Tensor? lnf_b, Tensor head, Tensor? head_scale) "
       "-> Tensor");
