@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/serve_bench.py
 	$(PY) benchmarks/cpu_inference.py
 	$(PY) benchmarks/kv_cache.py
+	$(PY) benchmarks/prefill.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -126,3 +126,16 @@ def test_kv_cache_benchmark_runs_tiny(tmp_path, capsys):
         )
     assert set(json.loads(out.read_text())) >= {"fp32@8", "int8@20"}
     assert len(re.findall(r"\d\.\d\dx$", capsys.readouterr().out, re.MULTILINE)) == 4
+
+
+def test_prefill_benchmark_runs_tiny(tmp_path):
+    """Guards benchmarks/prefill.py: every kind of weights runs every prompt length."""
+    prefill = load_script("prefill")
+    out = tmp_path / "prefill.json"
+    result = prefill.main(
+        ["--preset", "seed-tiny", "--lengths", "4,60", "--repeats", "1"] + ["--json", str(out)]
+    )
+    for T in ("4", "60"):  # 60 rows: past the kernel's 48, the slab path
+        assert set(result[T]["ms"]) == {"fp32", "bf16", "int8"}
+        assert all(ms > 0 for ms in result[T]["ms"].values())
+    assert set(json.loads(out.read_text())) >= {"4", "60"}

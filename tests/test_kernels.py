@@ -136,6 +136,34 @@ def test_gemv_blocked_equals_the_row_major_matrix(isa, fmt, threads):
             assert torch.equal(op(x, blocked, scale, bias), op(x, q, scale, bias))
 
 
+@pytest.mark.parametrize("isa", list(kernels.ISA_FLAGS))
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gemv_many_rows_equal_the_widened_weights_product(isa, fmt, threads):
+    """Guards the path for more than 48 rows of x (a prompt): weights widened to fp32 a
+    slab of 512 rows at a time and multiplied by sgemm. Against x @ W^T * scale + bias in
+    fp64 for row-major and blocked weights, N over one slab and not a whole number of
+    groups (a padded last group), and K with a vector tail (row-major only)."""
+    if isa not in kernels.runnable_isas():
+        pytest.skip(f"this CPU cannot run the {isa} build")
+    op = kernels.gemv_op(isa)
+    torch.set_num_threads(threads)  # conftest restores it
+    for m, n, k, blocked in [(49, 1030, 64, True), (200, 37, 96, True), (64, 515, 33, False)]:
+        w, scale, ref_w = _weight(fmt, n, k)
+        if blocked:
+            scale = torch.ones(n) if scale is None else scale
+            w = block_rows(w)
+        x, bias = torch.randn(m, k), torch.randn(n)
+        got = op(x, w, scale, bias)
+        expected = x.double() @ ref_w.T + bias.double()
+        size = (x.double().abs() @ ref_w.abs().T).max().item()
+        assert got.shape == (m, n)
+        # fp32 products of the exact weights (measured <= 8e-8 of the size): x is not rounded
+        # to int8's 16-bit fixed point on this path, which alone would be off by ~1e-5
+        err = (got.double() - expected).abs().max().item() / size
+        assert err < 1e-6, (m, n, k, blocked)
+
+
 def test_gemv_refuses_bad_arguments_with_a_message():
     op = kernels.gemv_op()
     if op is None:

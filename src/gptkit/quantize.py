@@ -14,7 +14,10 @@ weights widened to fp32 in registers with fp32 accumulation; int8 weights widene
 and multiplied with the input row in 16-bit fixed point, within 2^-16 of its largest
 entry, summed exactly in integers), which streams bf16 and int8 weights close to the
 memory bandwidth where ATen's kernels did not. int8 and blocked (below) weights take it for
-more rows too (a prompt, a large batch: 8 rows per pass, faster than ATen's kernels there).
+more rows too (a prompt, a large batch: up to 48 rows 8 per pass, faster than ATen's
+kernels there; past 48, where the product is compute-bound, the kernel widens the weights
+to fp32 a slab of 512 rows at a time and multiplies them with MKL's sgemm, ~1.1x fp32's
+time).
 Other bf16 weights with more rows, a GPU, or a machine where the kernel cannot be built use
 ATen: a bf16 matmul of bf16-rounded activations, or `_weight_int8pack_mm` (where the input
 width is a multiple of 16: with any other width ATen's kernel reads past the rows and
@@ -152,21 +155,20 @@ class WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) -> (..., out), in x's dtype."""
-        rows, step = x.numel() // self.in_features, kernels.MAX_ROWS
+        rows = x.numel() // self.in_features
         # The native kernel takes a decode step's few rows; int8 and blocked weights take it
-        # for any number of rows, `step` at a time (on gpt2's head, 9-128 rows: 1.26-1.28x
-        # ATen's `_weight_int8pack_mm`; blocked bf16, 9-64 rows: 1.04-1.75x ATen's bf16
-        # matmul, which would first have to unblock the matrix).
+        # for any number of rows (up to 48: 8 rows per pass, on gpt2's head 1.26-1.28x
+        # ATen's `_weight_int8pack_mm`, blocked bf16 1.04-1.75x ATen's bf16 matmul, which
+        # would first have to unblock the matrix; more: slabs of widened rows and sgemm).
         if x.device.type == "cpu" and x.dtype == torch.float32:
             gemv = kernels.gemv_op()  # None where it cannot be built
-            native = rows <= step or self.weight.dtype == torch.int8 or self.weight.dim() == 4
+            native = (
+                rows <= kernels.MAX_ROWS
+                or self.weight.dtype == torch.int8
+                or self.weight.dim() == 4
+            )
             if gemv is not None and native:
-                x2 = x.reshape(rows, self.in_features)
-                if rows <= step:  # the decode step's path: kept short, it runs per token
-                    y = gemv(x2, self.weight, self.scale, self.bias)
-                else:
-                    parts = [x2[i : i + step] for i in range(0, rows, step)]
-                    y = torch.cat([gemv(p, self.weight, self.scale, self.bias) for p in parts])
+                y = gemv(x.reshape(rows, self.in_features), self.weight, self.scale, self.bias)
                 return y.view(*x.shape[:-1], self.out_features)
         y = _aten_matmul(x.reshape(rows, self.in_features).float(), self.matrix(), self.scale)
         y = y if self.bias is None else y + self.bias
