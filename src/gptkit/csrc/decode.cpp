@@ -62,13 +62,20 @@ inline float to_float(int8_t q) { return float(q); }
 
 constexpr int64_t kRows = 4;  // weight rows per block: one x load feeds kRows FMAs
 
-// out[r] = dot(x, w[r]) for the R rows starting at w (row stride K). The rows of the next
-// block (w + R K, which the same thread reads next) are prefetched one cache line per
-// line consumed: the hardware prefetcher alone left a third of the bandwidth unused.
-template <int64_t R, typename W>
-void dot_rows(const float* x, const W* w, int64_t K, bool prefetch_next, float* out) {
-  Vec acc[R];
-  for (int64_t r = 0; r < R; ++r) acc[r] = vzero();
+// Rows of x multiplied together (kTogether at a time): each weight vector loaded (and
+// widened) once feeds the FMAs of every row, where one row at a time loaded and widened it
+// again per row, so that 8 rows cost ~4x one row's time (gpt2's head, int8 and bf16).
+constexpr int64_t kTogether = kWidth == 16 ? 4 : 2;  // AVX2 has 16 registers, AVX-512 32
+
+// out[m * R + r] = dot(x[m], w[r]) for the MR rows x[m] and the R rows starting at w (row
+// stride K). The rows of the next block (w + R K, which the same thread reads next) are
+// prefetched one cache line per line consumed: the hardware prefetcher alone left a third
+// of the bandwidth unused.
+template <int64_t R, int64_t MR, typename W>
+void dot_rows(const float* const* x, const W* w, int64_t K, bool prefetch_next, float* out) {
+  Vec acc[MR][R];
+  for (int64_t m = 0; m < MR; ++m)
+    for (int64_t r = 0; r < R; ++r) acc[m][r] = vzero();
   constexpr int64_t kLine = 64 / sizeof(W);  // weights per cache line
   int64_t k = 0;
   for (; k + kWidth <= K; k += kWidth) {
@@ -76,13 +83,19 @@ void dot_rows(const float* x, const W* w, int64_t K, bool prefetch_next, float* 
       for (int64_t r = 0; r < R; ++r)
         _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * K + k), _MM_HINT_T0);
     }
-    const Vec xv = vload(x + k);
-    for (int64_t r = 0; r < R; ++r) acc[r] = vfma(xv, vload(w + r * K + k), acc[r]);
+    Vec wv[R];
+    for (int64_t r = 0; r < R; ++r) wv[r] = vload(w + r * K + k);
+    for (int64_t m = 0; m < MR; ++m) {
+      const Vec xv = vload(x[m] + k);
+      for (int64_t r = 0; r < R; ++r) acc[m][r] = vfma(xv, wv[r], acc[m][r]);
+    }
   }
-  for (int64_t r = 0; r < R; ++r) {
-    float s = vsum(acc[r]);
-    for (int64_t j = k; j < K; ++j) s += x[j] * to_float(w[r * K + j]);  // the tail of K
-    out[r] = s;
+  for (int64_t m = 0; m < MR; ++m) {
+    for (int64_t r = 0; r < R; ++r) {
+      float s = vsum(acc[m][r]);
+      for (int64_t j = k; j < K; ++j) s += x[m][j] * to_float(w[r * K + j]);  // K's tail
+      out[m * R + r] = s;
+    }
   }
 }
 
@@ -119,9 +132,13 @@ float quantize_row(const float* x, int64_t K, int16_t* q) {
   return s;
 }
 
-// out[r] = dot(q, w[r]) for R int8 rows, as dot_rows: exact integer sums, as floats.
-template <int64_t R>
-void dot_rows(const int16_t* q, const int8_t* w, int64_t K, bool prefetch_next, float* out) {
+// out[r] = dot(q, w[r]) for R int8 rows, as dot_rows: exact integer sums, as floats. One
+// row of x (MR = 1) only: row-major int8 is the rare layout (widths not a multiple of 32).
+template <int64_t R, int64_t MR>
+void dot_rows(const int16_t* const* x, const int8_t* w, int64_t K, bool prefetch_next,
+              float* out) {
+  static_assert(MR == 1, "row-major int8 takes one row of x at a time");
+  const int16_t* q = x[0];
   int64_t total[R] = {};
   for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
     const int64_t k1 = std::min(K, k0 + kChunk);
@@ -164,41 +181,67 @@ void prefetch_chunk_ahead(const W* chunk) {
     _mm_prefetch(ahead + b, _MM_HINT_T0);
 }
 
-// out[r] = dot(x, row r) for the kRows rows of one blocked group of bf16 weights.
-void dot_group(const float* x, const uint16_t* group, int64_t K, float* out) {
-  Vec acc[kRows];
-  for (int64_t r = 0; r < kRows; ++r) acc[r] = vzero();
+// out[m * kRows + r] = dot(x[m], row r) for MR rows of x and the kRows rows of one blocked
+// group of bf16 weights.
+template <int64_t MR>
+void dot_group(const float* const* x, const uint16_t* group, int64_t K, float* out) {
+  Vec acc[MR][kRows];
+  for (int64_t m = 0; m < MR; ++m)
+    for (int64_t r = 0; r < kRows; ++r) acc[m][r] = vzero();
   for (int64_t k = 0; k < K; k += kBlockCols) {  // K is a multiple of kBlockCols
     const uint16_t* chunk = group + k * kRows;
     prefetch_chunk_ahead(chunk);
     for (int64_t h = 0; h < kBlockCols; h += kWidth) {
-      const Vec xv = vload(x + k + h);
-      for (int64_t r = 0; r < kRows; ++r)
-        acc[r] = vfma(xv, vload(chunk + r * kBlockCols + h), acc[r]);
+      Vec wv[kRows];
+      for (int64_t r = 0; r < kRows; ++r) wv[r] = vload(chunk + r * kBlockCols + h);
+      for (int64_t m = 0; m < MR; ++m) {
+        const Vec xv = vload(x[m] + k + h);
+        for (int64_t r = 0; r < kRows; ++r) acc[m][r] = vfma(xv, wv[r], acc[m][r]);
+      }
     }
   }
-  for (int64_t r = 0; r < kRows; ++r) out[r] = vsum(acc[r]);
+  for (int64_t m = 0; m < MR; ++m)
+    for (int64_t r = 0; r < kRows; ++r) out[m * kRows + r] = vsum(acc[m][r]);
 }
 
 // The same for int8 weights and x in fixed point: exact integer sums.
-void dot_group(const int16_t* q, const int8_t* group, int64_t K, float* out) {
-  int64_t total[kRows] = {};
+template <int64_t MR>
+void dot_group(const int16_t* const* q, const int8_t* group, int64_t K, float* out) {
+  int64_t total[MR][kRows] = {};
   for (int64_t k0 = 0; k0 < K; k0 += kChunk) {  // kChunk is a multiple of kBlockCols
     const int64_t k1 = std::min(K, k0 + kChunk);
-    IVec acc[kRows];
-    for (int64_t r = 0; r < kRows; ++r) acc[r] = izero();
+    IVec acc[MR][kRows];
+    for (int64_t m = 0; m < MR; ++m)
+      for (int64_t r = 0; r < kRows; ++r) acc[m][r] = izero();
     for (int64_t k = k0; k < k1; k += kBlockCols) {
       const int8_t* chunk = group + k * kRows;
       prefetch_chunk_ahead(chunk);
       for (int64_t h = 0; h < kBlockCols; h += kPairs) {
-        const IVec qv = iload(q + k + h);
-        for (int64_t r = 0; r < kRows; ++r)
-          acc[r] = imadd(qv, iload(chunk + r * kBlockCols + h), acc[r]);
+        IVec wv[kRows];
+        for (int64_t r = 0; r < kRows; ++r) wv[r] = iload(chunk + r * kBlockCols + h);
+        for (int64_t m = 0; m < MR; ++m) {
+          const IVec qv = iload(q[m] + k + h);
+          for (int64_t r = 0; r < kRows; ++r) acc[m][r] = imadd(qv, wv[r], acc[m][r]);
+        }
       }
     }
-    for (int64_t r = 0; r < kRows; ++r) total[r] += isum(acc[r]);
+    for (int64_t m = 0; m < MR; ++m)
+      for (int64_t r = 0; r < kRows; ++r) total[m][r] += isum(acc[m][r]);
   }
-  for (int64_t r = 0; r < kRows; ++r) out[r] = float(total[r]);
+  for (int64_t m = 0; m < MR; ++m)
+    for (int64_t r = 0; r < kRows; ++r) out[m * kRows + r] = float(total[m][r]);
+}
+
+// f(std::integral_constant<int64_t, n>) for 1 <= n <= kTogether: a count of rows of x as
+// the template argument the dot products are compiled for.
+template <typename F>
+void with_rows(int64_t n, F&& f) {
+  if constexpr (kTogether == 4) {
+    if (n == 4) return f(std::integral_constant<int64_t, 4>{});
+    if (n == 3) return f(std::integral_constant<int64_t, 3>{});
+  }
+  if (n == 2) return f(std::integral_constant<int64_t, 2>{});
+  f(std::integral_constant<int64_t, 1>{});
 }
 
 template <typename W, bool kBlocked = false>
@@ -218,28 +261,43 @@ void gemv_impl(const float* x, const W* w, const float* scale, const float* bias
       return x + m * K;
     }
   };
+  // Rows of x taken together: kTogether, but one for row-major int8 (see its dot_rows).
+  constexpr int64_t kMR = kInt8 && !kBlocked ? 1 : kTogether;
   const int64_t blocks = (N + kRows - 1) / kRows;
   at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
-    float out[kRows];
+    float out[kMR * kRows];
     for (int64_t b = begin; b < end; ++b) {
       const int64_t n0 = b * kRows, rows = std::min(kRows, N - n0);
-      for (int64_t m = 0; m < M; ++m) {
-        if constexpr (kBlocked) {
-          dot_group(row(m), w + n0 * K, K, out);  // later rows of x find the group in L1
-        } else if (rows == kRows) {
-          // Later rows of x find this block in L1; only the first pass prefetches.
-          const bool prefetch = m == 0 && b + 1 < end && n0 + 2 * kRows <= N;
-          dot_rows<kRows>(row(m), w + n0 * K, K, prefetch, out);
-        } else {
-          for (int64_t r = 0; r < rows; ++r)
-            dot_rows<1>(row(m), w + (n0 + r) * K, K, false, out + r);
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          float v = out[r];
-          if constexpr (kInt8) v *= xs[m];
-          if (scale) v *= scale[n0 + r];
-          if (bias) v += bias[n0 + r];
-          y[m * N + n0 + r] = v;
+      for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+        const int64_t mr = std::min(kMR, M - m0);
+        decltype(row(0)) xs_of[kMR];
+        for (int64_t m = 0; m < mr; ++m) xs_of[m] = row(m0 + m);
+        with_rows(mr, [&](auto together) {
+          constexpr int64_t MR = decltype(together)::value;
+          if constexpr (MR <= kMR) {
+            if constexpr (kBlocked) {  // later rows of x find the group in L1
+              dot_group<MR>(xs_of, w + n0 * K, K, out);
+            } else if (rows == kRows) {
+              // Later rows of x find this block in L1; only the first pass prefetches.
+              const bool prefetch = m0 == 0 && b + 1 < end && n0 + 2 * kRows <= N;
+              dot_rows<kRows, MR>(xs_of, w + n0 * K, K, prefetch, out);
+            } else {  // the last rows of w, one at a time: out[m * kRows + r]
+              for (int64_t r = 0; r < rows; ++r) {
+                float one[MR];
+                dot_rows<1, MR>(xs_of, w + (n0 + r) * K, K, false, one);
+                for (int64_t m = 0; m < MR; ++m) out[m * kRows + r] = one[m];
+              }
+            }
+          }
+        });
+        for (int64_t m = 0; m < mr; ++m) {
+          for (int64_t r = 0; r < rows; ++r) {
+            float v = out[m * kRows + r];
+            if constexpr (kInt8) v *= xs[m0 + m];
+            if (scale) v *= scale[n0 + r];
+            if (bias) v += bias[n0 + r];
+            y[(m0 + m) * N + n0 + r] = v;
+          }
         }
       }
     }
