@@ -59,6 +59,7 @@ def test_gemv_matches_float64_reference(isa, fmt, threads):
     assert op is not None
     torch.set_num_threads(threads)  # the autouse fixture restores it
     shapes = [(1, 1, 1), (1, 5, 17), (3, 37, 100), (8, 1000, 768), (2, 64, 48), (1, 9, 4200)]
+    shapes += [(13, 37, 100)]  # fp32: sgemm past 8 rows; bf16 / int8: 4 + 4 + 4 + 1 rows
     for m, n, k in shapes:  # k = 4200: the int8 loop's integer chunks (4096) and a tail
         w, scale, ref_w = _weight(fmt, n, k)
         x = torch.randn(m, k)

@@ -87,10 +87,12 @@ def _assert_same_steps(model: GPT, idx: torch.Tensor, prompt: int, make_cache) -
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize("weights", ["fp32", "bf16", "int8"])
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3, 21])
 def test_native_steps_equal_the_eager_blocks(name, weights, batch, native_calls):
     """Guards every line of the fused block: norms, cache writes, attention (and its band),
-    activation, residuals, biases, scales. A wrong one moves the logits far past the tolerance."""
+    activation, residuals, biases, scales; and the products' paths by batch (rows of x
+    together, a remainder of rows, sgemm for fp32 past 8 rows). A wrong one moves the
+    logits far past the tolerance."""
     model = _model(name, weights)
     cfg = model.config
     idx = torch.randint(0, cfg.vocab_size, (batch, cfg.context_length))

@@ -67,9 +67,10 @@ ISA_FLAGS = {
     "AVX512": [*_AVX512, "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
     "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
 }
-# Rows of x the kernel takes: past a few, a product is no longer bandwidth-bound and
-# ATen's blocked matrix multiplications win.
-MAX_ROWS = 8
+# Rows (sequences) a native decode step takes: a server's default batch. Inside it, fp32
+# products of more than 8 rows go to MKL's sgemm, bf16 / int8 ones of more than 48 to
+# slabs of widened weights and sgemm (csrc/decode.cpp); a larger batch runs eagerly.
+MAX_ROWS = 32
 # cpp_extension serialises builds with a lock file and waits for it forever; a build killed
 # midway (Ctrl-C during the first ~15 s) leaves it behind. One this old is stale.
 STALE_LOCK_SECONDS = 300

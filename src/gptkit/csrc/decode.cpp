@@ -355,6 +355,19 @@ void gemm_slabs(const float* x, const W* w, const float* scale, const float* bia
   }
 }
 
+// y (M, N) = x (M, K) W^T + bias for fp32 weights (M, N) through sgemm, which reads them once
+// where the loops above, kPassRows rows of x per pass, read them once per pass.
+inline void gemm_fp32(const float* x, const at::Tensor& w, const at::Tensor& bias, float* y,
+                      int64_t M, int64_t N, int64_t K) {
+  const at::Tensor xt = at::from_blob(const_cast<float*>(x), {M, K}, at::kFloat);
+  at::Tensor out = at::from_blob(y, {M, N}, at::kFloat);
+  if (bias.defined()) {
+    at::addmm_out(out, bias, xt, w.t());
+  } else {
+    at::mm_out(out, xt, w.t());
+  }
+}
+
 // A linear layer's weight (row-major, or bf16 / int8 blocked), per-row scales and bias, checked
 // against its input width K.
 struct Linear {
@@ -402,7 +415,9 @@ struct Linear {
     auto run = [&](const auto* wp, auto blocked_tag) {
       using W = std::remove_cv_t<std::remove_pointer_t<decltype(wp)>>;
       constexpr bool kBlocked = decltype(blocked_tag)::value;
-      if constexpr (!std::is_same_v<W, float>) {
+      if constexpr (std::is_same_v<W, float>) {
+        if (M > kPassRows) return gemm_fp32(x, w, bias, y, M, N, K);
+      } else {
         if (M > kGemmRows) return gemm_slabs<W, kBlocked>(x, wp, sp, bp, y, M, N, K);
       }
       for (int64_t m0 = 0; m0 < M; m0 += kPassRows) {  // x's rows stay in L1 for a block
