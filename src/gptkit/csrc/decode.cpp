@@ -8,8 +8,8 @@
 // 16-bit shift) with fp32 accumulation; int8 to int16, multiplied with x rounded to 16-bit
 // fixed point (2^-16 of the row's largest value) and summed exactly in integers.
 //
-// gemv(x, w, scale, bias): y = x W^T (* scale) (+ bias) for a few rows x.
-//   x      (M, K) float32, M small (a decode step's batch)
+// gemv(x, w, scale, bias): y = x W^T (* scale) (+ bias).
+//   x      (M, K) float32: a decode step's few rows, or a prompt's many (sgemm, below)
 //   w      (N, K) float32, bfloat16 or int8, row-major (nn.Linear's layout), or bf16 or
 //          int8 in the blocked layout (below): (ceil(N / 4), K / 32, 4, 32)
 //   scale  (N,)   float32 or None: per-output-row factor (int8 weights; required blocked)
