@@ -652,9 +652,9 @@ class GPT(nn.Module):
 
         It applies to a decode step on a CPU: one new int64 token per row, at most
         `kernels.MAX_ROWS` rows, fp32 activations and a fp32 or bf16 KV cache (ring buffers
-        included), eval mode without autograd, outside
-        torch.compile, no reference attention (`explain` reads its weights) and no forward
-        hooks anywhere in the model (the op runs the whole step without calling modules).
+        included), eval mode without autograd, outside torch.compile, no reference
+        attention (`explain` reads its weights) and no forward hooks anywhere in the model
+        (the op runs the whole step without calling modules).
         """
         if (
             kv_cache is None
