@@ -55,6 +55,35 @@ def test_fast_attention_equals_reference(family: str) -> None:
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_inference_on_cuda_leaves_cudnn_attention_out(monkeypatch) -> None:
+    """Guards model._attention_backends: on CUDA without autograd (decoding) cuDNN's
+    attention must not be a candidate (it built a plan per new key length: 13.5 tokens/s
+    for gpt2 on an H200); training on CUDA, and anything on a CPU, keeps every kernel."""
+    from gptkit import model as model_module
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with torch.no_grad(), model_module._attention_backends(cuda):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # restored
+    for device, grad in ((cuda, True), (cpu, False), (cpu, True)):
+        with torch.set_grad_enabled(grad), model_module._attention_backends(device):
+            assert torch.backends.cuda.cudnn_sdp_enabled()
+    # Every forward pass of the model goes through it, with its tokens' device.
+    seen = []
+    real = model_module._attention_backends
+    monkeypatch.setattr(
+        model_module, "_attention_backends", lambda d: seen.append(d.type) or real(d)
+    )
+    model = GPT(tiny_config("gpt2")).eval()
+    idx = torch.randint(0, model.config.vocab_size, (2, 5))
+    with torch.no_grad():
+        model(idx)
+        model.next_logits(idx, KVCache(model.config, 2, 8))
+    assert seen == ["cpu", "cpu"]
+
+
 def test_reference_attention_is_the_formula() -> None:
     """Guards the reference itself: one head, written with loops over positions."""
     q, k, v = torch.randn(3, 1, 1, 5, 4).double().unbind(0)

@@ -14,12 +14,14 @@ Shape letters used throughout: B batch, T time (new tokens), S keys attended to
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gptkit import kernels
 from gptkit.config import GPTConfig
@@ -29,6 +31,9 @@ NATIVE_ACTIVATIONS = {"gelu": 0, "relu": 1, "leaky_relu": 2}
 
 # What a KV cache may store its keys and values in, by the CLI's names (--kv-cache).
 KV_CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# The attention kernels inference may use on CUDA: all but cuDNN's (see `_attention_backends`).
+PLANLESS_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def sinusoidal_positions(n_positions: int, d_model: int) -> torch.Tensor:
@@ -543,6 +548,21 @@ def _lookup(table: nn.Module, idx: torch.Tensor) -> torch.Tensor:
     return table(idx)
 
 
+def _attention_backends(device: torch.device) -> contextlib.AbstractContextManager:
+    """The scaled_dot_product_attention kernels a forward pass may pick: on CUDA without
+    autograd (decoding, evaluation) all but cuDNN's; elsewhere any.
+
+    cuDNN's attention builds an execution plan for each new shape, and decoding brings a
+    new key length every step: on an H200 (torch 2.11) that cost 3.6 ms per call, ~45 ms
+    per gpt2 step, and decoding ran at 13.5 tokens/s at batch 1 where flash attention,
+    which needs no plan, gave 201 (benchmarks/RESULTS.md, session 12). Training keeps it:
+    its shapes repeat, so its plans are built once.
+    """
+    if device.type == "cuda" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return sdpa_kernel(PLANLESS_ATTENTION)
+    return contextlib.nullcontext()
+
+
 def _has_hooks(root: nn.Module) -> bool:
     """True if a forward hook or forward pre-hook would run for `root` or a module below it
     (its own, or one registered for every module)."""
@@ -746,8 +766,13 @@ class GPT(nn.Module):
         Generation unembeds only the last position: for a long prompt the (B, T, V) logits
         would cost T times the head's compute and memory for nothing.
         """
-        if isinstance(kv_cache, SlotKVCache):
-            return self._slot_hidden_states(idx, kv_cache)
+        with _attention_backends(idx.device):
+            if isinstance(kv_cache, SlotKVCache):
+                return self._slot_hidden_states(idx, kv_cache)
+            return self._dense_hidden_states(idx, kv_cache)
+
+    def _dense_hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
+        """`hidden_states` without a cache or through a `KVCache` (one position for all rows)."""
         B, T = idx.shape
         start = 0 if kv_cache is None else kv_cache.pos
         self._check_room(kv_cache, start + T)
