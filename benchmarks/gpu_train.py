@@ -1,11 +1,13 @@
 """Training throughput and MFU of the `gpt2` preset (124M) on one GPU, plus decode speed.
 
-bf16 autocast, fused attention (SDPA), torch.compile, fused AdamW, gradient clipping, and
+bf16 autocast, fused attention (SDPA), torch.compile (the model and its loss as one graph,
+as `gptkit train --compile` does in one process), fused AdamW, gradient clipping, and
 the largest micro-batch (power of two, at most 64) that `gptkit.plan` expects to fit in
 80% of the card. Data are random token ids: this measures the model and the optimizer,
 not a data loader. MFU = (6 N + 12 L d T) FLOPs per token x tokens/s / dense bf16 peak
 (the script knows H100/H200/A100 and others from gptkit.plan.GPUS; --peak-tflops
-overrides). Decoding: greedy, KV cache, bf16 weights, batch 1 and 64.
+overrides), and beside it the card's own bf16 matrix-product rate measured in the same run.
+Decoding: greedy, KV cache, bf16 weights, batch 1 and 64.
 
     python benchmarks/gpu_train.py                     # on a GPU, ~2-3 minutes
     python benchmarks/gpu_train.py --tiny --no-compile # tiny model on CPU, seconds
@@ -22,10 +24,11 @@ from typing import Any
 import torch
 
 from gptkit.config import GPTConfig
+from gptkit.distributed import DistEnv
 from gptkit.generate import generate
 from gptkit.model import GPT
 from gptkit.plan import GPUS, attention_flops_per_token, matmul_params, memory_per_device
-from gptkit.train import lm_loss
+from gptkit.train import batch_loss
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,6 +89,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def matmul_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -> float | None:
+    """The card's own bf16 matrix-product rate (n x n x n, random data): a measured ceiling
+    beside the datasheet's peak. None off CUDA."""
+    if device.type != "cuda":
+        return None
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
 def bench_training(
     model: GPT, batch: int, steps: int, warmup: int, compile: bool, device: torch.device
 ) -> dict[str, Any]:
@@ -94,14 +113,15 @@ def bench_training(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True
     )
-    forward = torch.compile(model) if compile else model
+    # What `gptkit train --compile` does in one process: the loss compiled with the model.
+    loss_of = batch_loss(model, compile, device, DistEnv())
     g = torch.Generator(device="cpu").manual_seed(0)
     data = torch.randint(0, config.vocab_size, (8, batch, T + 1), generator=g).to(device)
 
     def step(i: int) -> torch.Tensor:
         x, y = data[i % 8, :, :-1], data[i % 8, :, 1:]
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = lm_loss(forward(x), y)
+            loss = loss_of(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -164,8 +184,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "params": config.num_parameters(),
         "peak_tflops": peak,
     }
+    result["matmul_tflops"] = measured = matmul_tflops(device)
     result["train"] = train = bench_training(model, batch, steps, warmup, args.compile, device)
     train["mfu"] = None if peak is None else train["tflops"] / peak
+    train["of_measured_matmul"] = None if measured is None else train["tflops"] / measured
     # The whole model in bf16 (activations and KV cache too): what a GPU decodes fastest.
     decode_model = copy.deepcopy(model).to(torch.bfloat16).eval()
     new_tokens = args.decode_tokens or (8 if args.tiny else 128)
@@ -175,6 +197,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     mfu = "n/a (unknown peak)" if train["mfu"] is None else f"{train['mfu']:.1%}"
     print(f"{name}, torch {torch.__version__}, {config.num_parameters() / 1e6:.1f}M params")
+    if measured is not None:
+        print(
+            f"bf16 matmul 8192^3: {measured:.0f} TFLOP/s measured"
+            f" (training reached {train['of_measured_matmul']:.1%} of it)"
+        )
     print(
         f"train: batch {batch} x {config.context_length}, {train['step_ms']:.1f} ms/step, "
         f"{train['tokens_per_s']:,.0f} tokens/s, {train['tflops']:.1f} TFLOP/s, MFU {mfu} "

@@ -541,3 +541,18 @@ def test_compiled_model_trains_and_saves_plain_names(data, tmp_path):
     run = train(tiny(data, tmp_path / "run", compile=True, max_steps=3), progress=False)
     assert all(not k.startswith("_orig_mod") for k in load_train_state(run)["model"])
     load_model(run)
+
+
+@pytest.mark.slow
+def test_compiled_loss_matches_the_eager_loop(data, tmp_path):
+    """Guards train.batch_loss: with --compile in one process the loss is compiled with the
+    model, one graph from ids to the loss; its per-step losses (and the validation loss,
+    in eval mode) must be the eager loop's."""
+    kw = dict(max_steps=4, log_every=1, eval_every=2)
+    eager = train(tiny(data, tmp_path / "eager", **kw), progress=False)
+    compiled = train(tiny(data, tmp_path / "compiled", compile=True, **kw), progress=False)
+    got, want = train_losses(compiled), train_losses(eager)
+    assert [s for s, _ in got] == [s for s, _ in want] == [1, 2, 3, 4]
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-5)
+    val = [[r["val_loss"] for r in metrics(run) if "val_loss" in r] for run in (compiled, eager)]
+    assert len(val[0]) == 2 and val[0] == pytest.approx(val[1], rel=1e-5)
