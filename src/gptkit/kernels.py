@@ -42,11 +42,12 @@ ATen.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,8 @@ ISA_FLAGS = {
 # products of more than 8 rows go to MKL's sgemm, bf16 / int8 ones of more than 48 to
 # slabs of widened weights and sgemm (csrc/decode.cpp); a larger batch runs eagerly.
 MAX_ROWS = 32
-# cpp_extension serialises builds with a lock file and waits for it forever; a build killed
-# midway (Ctrl-C during the first ~15 s) leaves it behind. One this old is stale.
+# Where the OS cannot lock files (no fcntl), a cpp_extension lock file this old is stale
+# (see `build_lock`).
 STALE_LOCK_SECONDS = 300
 
 Gemv = Callable[
@@ -150,25 +151,50 @@ def library(isa: str | None = None) -> Any:
 
     name = f"gptkit_cpu_{isa.lower()}"
     build_dir = build_directory(name)
-    lock = build_dir / "lock"
-    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
-        lock.unlink(missing_ok=True)
     if not any(build_dir.glob("*.so")):
         print("gptkit: building the native CPU kernel (once per machine)...", file=sys.stderr)
     try:
-        cpp_extension.load(
-            name,
-            [str(source) for source in SOURCES],
-            build_directory=str(build_dir),
-            extra_cflags=["-O3", "-fopenmp", f"-DGPTKIT_NS={name}", *ISA_FLAGS[isa]],
-            extra_ldflags=["-fopenmp"],  # libgomp: the one torch has loaded already
-            is_python_module=False,
-        )
+        with build_lock(build_dir):
+            cpp_extension.load(
+                name,
+                [str(source) for source in SOURCES],
+                build_directory=str(build_dir),
+                extra_cflags=["-O3", "-fopenmp", f"-DGPTKIT_NS={name}", *ISA_FLAGS[isa]],
+                extra_ldflags=["-fopenmp"],  # libgomp: the one torch has loaded already
+                is_python_module=False,
+            )
     except Exception as e:  # no compiler, no ninja, no headers: ATen still works
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"gptkit: native CPU kernels unavailable ({reason}); using ATen", file=sys.stderr)
         return None
     return getattr(torch.ops, name)
+
+
+@contextlib.contextmanager
+def build_lock(build_dir: Path) -> Iterator[None]:
+    """Hold `build_dir` for one process's build or load, clearing what a killed one left.
+
+    cpp_extension serialises builds with a `lock` file in the directory and waits for it
+    to go, forever; a process killed inside `load` (Ctrl-C while the kernel compiles, and
+    it takes the lock even when nothing needs compiling) leaves it behind, and every later
+    run hung. So gptkit processes first take an OS lock on `build.flock`, which the OS
+    drops when its holder dies: holding it, any `lock` file is a dead process's.
+    """
+    lock = build_dir / "lock"
+    try:
+        import fcntl
+    except ImportError:  # no POSIX file locks: only a lock file this old is known stale
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            lock.unlink(missing_ok=True)
+        yield
+        return
+    with open(build_dir / "build.flock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # waits while another process builds
+        try:
+            lock.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def build_directory(name: str) -> Path:
