@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -99,6 +100,20 @@ def test_meta_json_has_exactly_the_documented_keys(tmp_path):
     meta = json.loads((out / "meta.json").read_text())
     assert list(meta) == list(data.META_KEYS)
     assert meta["version"] == 1
+
+
+def test_prepared_files_get_the_users_permissions(tmp_path):
+    """Guards train.bin, which starts as the token stream's temporary file: mkstemp makes
+    it 0600, so another user (or a container) could not read prepared data that the
+    umask would have let them, unlike val.bin and meta.json beside it."""
+    out = tmp_path / "out"
+    old = os.umask(0o022)
+    try:
+        prepare([str(write(tmp_path / "a.txt", DOC_A))], str(out), "char", progress=False)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes == dict.fromkeys(modes, 0o644) and "train.bin" in modes
 
 
 def test_prepare_with_an_existing_tokenizer(tmp_path):

@@ -24,7 +24,6 @@ import os
 import shutil
 import sys
 import sysconfig
-import tempfile
 from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 
 from gptkit.errors import GptkitError
-from gptkit.fileio import atomic_open, atomic_write_json, atomic_write_with
+from gptkit.fileio import atomic_open, atomic_write_json, atomic_write_with, temp_file
 from gptkit.tokenizer import KINDS, SAFE_CUT, Tokenizer, build_tokenizer, load_tokenizer
 
 META_FILE = "meta.json"
@@ -231,7 +230,7 @@ def prepare(
     tok = _make_tokenizer(tokenizer, vocab_size, sources, errors, n_bytes, progress)
     dtype = token_dtype(tok.vocab_size)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fd, stream = tempfile.mkstemp(dir=out_dir, prefix=".tokens.", suffix=".tmp")
+    fd, stream = temp_file(out_dir / "tokens")  # becomes train.bin: the user's umask
     try:
         with os.fdopen(fd, "wb") as f, _progress(n_bytes, "encoding", progress) as bar:
             total = _encode_corpus(tok, sources, errors, f, DTYPES[dtype], bar)

@@ -21,7 +21,7 @@ def _umask() -> int:
     return mask
 
 
-def _temp_file(path: Path) -> tuple[int, str]:
+def temp_file(path: Path) -> tuple[int, str]:
     """A temporary file beside `path`, with the permissions a plain open() would give."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; users expect their umask
@@ -36,7 +36,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temp_file(path)
+    fd, tmp = temp_file(path)
     os.close(fd)
     try:
         yield tmp
