@@ -193,6 +193,18 @@ def test_disabled_by_environment(monkeypatch):
         kernels.library.cache_clear()
 
 
+def test_each_torch_installation_builds_in_its_own_folder(tmp_path, monkeypatch):
+    """Guards kernels.build_directory: two environments with the same torch version used one
+    folder, each rebuilt the kernel after the other had used it (its header paths differ),
+    relinking the library under any process that had it loaded."""
+    monkeypatch.setenv("GPTKIT_KERNEL_CACHE", str(tmp_path))
+    here = kernels.build_directory("gptkit_cpu_x")
+    assert kernels.build_directory("gptkit_cpu_x") == here  # stable: the cache is found again
+    monkeypatch.setattr(torch, "__file__", str(tmp_path / "other-env" / "torch" / "__init__.py"))
+    there = kernels.build_directory("gptkit_cpu_x")
+    assert there != here and there.parent == here.parent == tmp_path and there.is_dir()
+
+
 def test_a_stale_build_lock_is_cleared(tmp_path):
     """Guards kernels.build_lock: a lock file left by a killed build (cpp_extension would
     wait on it forever), however recent, is removed when no process holds the build, and

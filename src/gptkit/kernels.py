@@ -34,7 +34,7 @@ adds inductor would write).
 The sources are compiled once per machine with torch.utils.cpp_extension (g++, ninja and
 the Python headers; about 15 s) for the CPU's vector ISA, AVX-512 (with VNNI where the
 CPU has it) or AVX2+FMA, and cached in `~/.cache/gptkit/kernels/` (`$GPTKIT_KERNEL_CACHE`),
-one folder per ISA and torch version. Anywhere it cannot be built (another architecture,
+one folder per ISA and torch installation. Anywhere it cannot be built (another architecture,
 no compiler) `gemv_op` says so in one line on stderr and returns None, and callers use
 ATen.
 `GPTKIT_NATIVE_KERNELS=0` turns the kernels off.
@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import sys
 import time
@@ -198,11 +199,18 @@ def build_lock(build_dir: Path) -> Iterator[None]:
 
 
 def build_directory(name: str) -> Path:
-    """Where the kernel `name` is built and cached (created if missing)."""
+    """Where the kernel `name` is built and cached (created if missing): one folder per
+    torch installation, not only per torch version. Two environments with the same torch
+    compile against different header paths, so sharing a folder made each rebuild the
+    kernel whenever the other had used it (~45 s here), relinking the library under a
+    process that had it loaded."""
     default = Path.home() / ".cache" / "gptkit" / "kernels"
     root = Path(os.environ.get("GPTKIT_KERNEL_CACHE", default))
     version = torch.__version__.replace("+", "_")
-    path = root / f"{name}-torch{version}-py{sys.version_info.major}{sys.version_info.minor}"
+    install = str(Path(torch.__file__).resolve().parent).encode()
+    where = hashlib.sha256(install).hexdigest()[:10]
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    path = root / f"{name}-torch{version}-{py}-{where}"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
