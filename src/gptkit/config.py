@@ -232,7 +232,7 @@ class TrainConfig:
     log_every: int = _opt(10, "append a line to metrics.jsonl every N steps")
     seed: int = _opt(1337, "random seed for initialisation and data order")
     dtype: Literal["float32", "bfloat16"] = _opt("float32", "autocast dtype for training")
-    compile: bool = _opt(False, "compile the model with torch.compile")
+    compile: bool = _opt(False, "torch.compile the model (one process: the model and its loss)")
     fsdp: bool = _opt(False, "under torchrun: shard params, grads and AdamW state (FSDP2)")
     activation_checkpointing: bool = _opt(
         False, "recompute each block's activations in backward (less memory, ~1/3 more compute)"
