@@ -139,3 +139,18 @@ def test_prefill_benchmark_runs_tiny(tmp_path):
         assert set(result[T]["ms"]) == {"fp32", "bf16", "int8"}
         assert all(ms > 0 for ms in result[T]["ms"].values())
     assert set(json.loads(out.read_text())) >= {"4", "60"}
+
+
+@pytest.mark.slow
+def test_padded_vocab_benchmark_times_each_multiple_in_its_own_process(tmp_path, capsys):
+    """Guards benchmarks/padded_vocab.py: each multiple trains in child processes through
+    `train.batch_loss`, the padded vocabulary is reported, and the loss is the same."""
+    padded_vocab = load_script("padded_vocab")
+    out = tmp_path / "r.json"
+    args = ["--procs", "1", "--steps", "1", "--vocab", "100", "--batch", "1", "--context", "8"]
+    result = padded_vocab.main([*args, "--json", str(out)])["results"]
+    assert [result[m]["padded_vocab"] for m in (1, 64)] == [100, 128]
+    assert result[1]["first_losses"] == pytest.approx(result[64]["first_losses"], rel=1e-5)
+    assert result[64]["ms_per_step"] > 0 and result[1]["speedup"] == 1.0
+    assert json.loads(out.read_text())["results"]["64"]["padded_vocab"] == 128
+    assert "multiple  64 (vocab 128)" in capsys.readouterr().out

@@ -142,6 +142,33 @@ def test_weight_decay_only_on_matrices(tie):
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
 
 
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("multiple", [1, 8, 64])
+def test_padded_logits_are_the_models_logits_and_gradients(tie, multiple):
+    """Guards train.padded_logits (the compiled loss's unembedding over a vocabulary padded
+    to a multiple of 64): the logits, the loss and every parameter's gradient, tied head or
+    not, are those of `model(x)` (20 rows padded to 24 or 64, or not at all)."""
+    torch.manual_seed(0)
+    config = GPTConfig.from_preset(
+        "gpt2", vocab_size=20, n_layer=1, n_head=2, d_model=16, context_length=8,
+        tie_embeddings=tie,
+    )  # fmt: skip
+    model = GPT(config)
+    x, y = torch.randint(0, 20, (2, 3, 8))
+    grads = []
+    for logits_of in (model, lambda idx: train_mod.padded_logits(model, idx, multiple)):
+        logits = logits_of(x)
+        assert logits.shape == (3, 8, 20)
+        train_mod.lm_loss(logits, y).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        model.zero_grad()
+        grads[-1]["logits"] = logits.detach()
+    plain, padded = grads
+    assert plain.keys() == padded.keys()
+    for name in plain:
+        torch.testing.assert_close(padded[name], plain[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_evaluate_full_is_the_token_weighted_mean(data):
     """Guards the whole-split evaluation: every target once, batches weighted by their size."""
     model = GPT(

@@ -143,8 +143,31 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
+# The vocabulary the compiled loss's unembedding multiplies by: rounded up to this.
+VOCAB_MULTIPLE = 64
+
+
+def padded_logits(model: GPT, idx: torch.Tensor, multiple: int = VOCAB_MULTIPLE) -> torch.Tensor:
+    """`model(idx)` with the unembedding's matrix product over a vocabulary padded with zero
+    rows to a multiple of `multiple`; the extra columns are sliced off, so the logits, the
+    loss and every gradient are the unpadded ones.
+
+    gpt2's 50,257 rows make an odd-sized product and odd-length rows for the loss's
+    reductions; with 50,304 the compiled loss stepped faster. Only under torch.compile,
+    where the pad fuses into the weight's read and the slice into the loss: eagerly both
+    are copies and the step is ~8% slower (2-core dev CPU, benchmarks/RESULTS.md).
+    """
+    weight = model.lm_head.weight  # (V, C)
+    padded = F.pad(weight, (0, 0, 0, -weight.shape[0] % multiple))  # (V', C), zero rows
+    return F.linear(model.hidden_states(idx), padded)[..., : weight.shape[0]]  # (B, T, V)
+
+
 def batch_loss(
-    forward: nn.Module, compile: bool, device: torch.device, env: distributed.DistEnv
+    forward: nn.Module,
+    compile: bool,
+    device: torch.device,
+    env: distributed.DistEnv,
+    vocab_multiple: int = VOCAB_MULTIPLE,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """(x, y) -> `lm_loss(forward(x), y)`, compiled with `--compile`.
 
@@ -153,7 +176,8 @@ def batch_loss(
     writing (B, T, V) fp32 logits and reading them back: gpt2 on an H200 trained 1.23x
     faster, its peak memory 44 GB instead of 63; on the 2-core dev CPU a 4-layer width-128
     model stepped 1.45x faster with gpt2's 50,257 tokens, 1.04x with 65 characters
-    (benchmarks/RESULTS.md, session 12).
+    (benchmarks/RESULTS.md, session 12). Its unembedding runs over the vocabulary padded
+    to `vocab_multiple` (`padded_logits`; 1 pads nothing).
     Under torchrun the module itself is compiled, as DDP and FSDP expect.
     """
     if not compile:
@@ -162,9 +186,11 @@ def batch_loss(
     if env.enabled:
         compiled = torch.compile(forward, options=options)
         return lambda x, y: lm_loss(compiled(x), y)
+    if not isinstance(forward, GPT):
+        raise TypeError(f"one process trains a GPT itself, got {type(forward).__name__}")
 
     def model_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return lm_loss(forward(x), y)
+        return lm_loss(padded_logits(forward, x, vocab_multiple), y)
 
     return torch.compile(model_loss, options=options)
 
