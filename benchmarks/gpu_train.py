@@ -1,13 +1,16 @@
 """Training throughput and MFU of the `gpt2` preset (124M) on one GPU, plus decode speed.
 
 bf16 autocast, fused attention (SDPA), torch.compile (the model and its loss as one graph,
-as `gptkit train --compile` does in one process), fused AdamW, gradient clipping, and
+as `gptkit train --compile` does in one process, the unembedding over the vocabulary padded
+to a multiple of `--vocab-multiple`), fused AdamW, gradient clipping, and
 the largest micro-batch (power of two, at most 64) that `gptkit.plan` expects to fit in
 80% of the card. Data are random token ids: this measures the model and the optimizer,
 not a data loader. MFU = (6 N + 12 L d T) FLOPs per token x tokens/s / dense bf16 peak
 (the script knows H100/H200/A100 and others from gptkit.plan.GPUS; --peak-tflops
 overrides), and beside it the card's own bf16 matrix-product rate measured in the same run.
-Decoding: greedy, KV cache, bf16 weights, batch 1 and 64.
+Decoding: greedy, KV cache, bf16 weights, batch 1 and 64; on CUDA also with every step
+replayed as a CUDA graph (`generate(..., cuda_graph=True)`), its tokens checked against
+the eager ones.
 
     python benchmarks/gpu_train.py                     # on a GPU, ~2-3 minutes
     python benchmarks/gpu_train.py --tiny --no-compile # tiny model on CPU, seconds
@@ -28,7 +31,7 @@ from gptkit.distributed import DistEnv
 from gptkit.generate import generate
 from gptkit.model import GPT
 from gptkit.plan import GPUS, attention_flops_per_token, matmul_params, memory_per_device
-from gptkit.train import batch_loss
+from gptkit.train import VOCAB_MULTIPLE, batch_loss
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,7 +43,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (compilation)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak")
-    p.add_argument("--decode-batches", default="1,64", help="batch sizes for decoding")
+    p.add_argument(
+        "--vocab-multiple", type=int, default=VOCAB_MULTIPLE,
+        help="the compiled loss's unembedding pads the vocabulary to a multiple of this",
+    )  # fmt: skip
+    p.add_argument(
+        "--coordinate-descent", action="store_true",
+        help="inductor tunes each generated kernel's block sizes (a longer compile)",
+    )  # fmt: skip
+    p.add_argument("--decode-batches", default="1,64", help="batch sizes for decoding ('': none)")
     p.add_argument("--decode-tokens", type=int, default=None, help="new tokens per decode")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON here")
     return p.parse_args(argv)
@@ -106,7 +117,13 @@ def matmul_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -> flo
 
 
 def bench_training(
-    model: GPT, batch: int, steps: int, warmup: int, compile: bool, device: torch.device
+    model: GPT,
+    batch: int,
+    steps: int,
+    warmup: int,
+    compile: bool,
+    device: torch.device,
+    vocab_multiple: int = VOCAB_MULTIPLE,
 ) -> dict[str, Any]:
     config = model.config
     T = config.context_length
@@ -114,7 +131,7 @@ def bench_training(
         model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True
     )
     # What `gptkit train --compile` does in one process: the loss compiled with the model.
-    loss_of = batch_loss(model, compile, device, DistEnv())
+    loss_of = batch_loss(model, compile, device, DistEnv(), vocab_multiple)
     g = torch.Generator(device="cpu").manual_seed(0)
     data = torch.randint(0, config.vocab_size, (8, batch, T + 1), generator=g).to(device)
 
@@ -154,16 +171,19 @@ def bench_training(
     }
 
 
-def bench_decode(model: GPT, batch: int, new_tokens: int, device: torch.device) -> float:
-    """Greedy decoding tokens/s (all rows) after one untimed warm-up run."""
+def bench_decode(
+    model: GPT, batch: int, new_tokens: int, device: torch.device, cuda_graph: bool = False
+) -> tuple[float, torch.Tensor]:
+    """(greedy decoding tokens/s of all rows, the tokens) after one untimed warm-up run.
+    With `cuda_graph` every step replays a CUDA graph (captured anew in the timed run)."""
     g = torch.Generator(device="cpu").manual_seed(batch)
     idx = torch.randint(0, model.config.vocab_size, (batch, 16), generator=g).to(device)
-    generate(model, idx, 4, temperature=0)
+    generate(model, idx, 4, temperature=0, cuda_graph=cuda_graph)
     sync(device)
     start = time.perf_counter()
-    out = generate(model, idx, new_tokens, temperature=0)
+    out = generate(model, idx, new_tokens, temperature=0, cuda_graph=cuda_graph)
     sync(device)
-    return batch * (out.shape[1] - 16) / (time.perf_counter() - start)
+    return batch * (out.shape[1] - 16) / (time.perf_counter() - start), out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -171,6 +191,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    if args.coordinate_descent:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = True
     config = model_config(args.tiny)
     name, peak = peak_tflops(device, args.peak_tflops)
     torch.manual_seed(0)
@@ -185,17 +209,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "peak_tflops": peak,
     }
     result["matmul_tflops"] = measured = matmul_tflops(device)
-    result["train"] = train = bench_training(model, batch, steps, warmup, args.compile, device)
+    result["vocab_multiple"] = args.vocab_multiple
+    result["coordinate_descent"] = args.coordinate_descent
+    result["train"] = train = bench_training(
+        model, batch, steps, warmup, args.compile, device, args.vocab_multiple
+    )
     train["mfu"] = None if peak is None else train["tflops"] / peak
     train["of_measured_matmul"] = None if measured is None else train["tflops"] / measured
     # The whole model in bf16 (activations and KV cache too): what a GPU decodes fastest.
     decode_model = copy.deepcopy(model).to(torch.bfloat16).eval()
     new_tokens = args.decode_tokens or (8 if args.tiny else 128)
-    result["decode_tokens_per_s"] = {
-        b: bench_decode(decode_model, b, new_tokens, device)
-        for b in (int(s) for s in args.decode_batches.split(","))
-    }
+    result["decode_tokens_per_s"], result["decode_graph_tokens_per_s"] = {}, {}
+    for b in (int(s) for s in args.decode_batches.split(",") if s):
+        result["decode_tokens_per_s"][b], eager = bench_decode(decode_model, b, new_tokens, device)
+        if device.type == "cuda":  # the same decoding, each step a replayed CUDA graph
+            speed, graphed = bench_decode(decode_model, b, new_tokens, device, cuda_graph=True)
+            same = torch.equal(graphed, eager)
+            result["decode_graph_tokens_per_s"][b] = {"tokens_per_s": speed, "same_tokens": same}
     mfu = "n/a (unknown peak)" if train["mfu"] is None else f"{train['mfu']:.1%}"
+    how = "eager"
+    if args.compile:
+        how = f"compiled, the unembedding padded to a multiple of {args.vocab_multiple}"
+        how += ", coordinate-descent tuning" if args.coordinate_descent else ""
     print(f"{name}, torch {torch.__version__}, {config.num_parameters() / 1e6:.1f}M params")
     if measured is not None:
         print(
@@ -205,10 +240,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"train: batch {batch} x {config.context_length}, {train['step_ms']:.1f} ms/step, "
         f"{train['tokens_per_s']:,.0f} tokens/s, {train['tflops']:.1f} TFLOP/s, MFU {mfu} "
-        f"(compile + warm-up {train['warmup_seconds']:.0f} s)"
+        f"({how}; warm-up {train['warmup_seconds']:.0f} s)"
     )
     for b, speed in result["decode_tokens_per_s"].items():
         print(f"decode: batch {b}, {speed:,.1f} tokens/s (bf16 weights, greedy, KV cache)")
+        if b in result["decode_graph_tokens_per_s"]:
+            graph = result["decode_graph_tokens_per_s"][b]
+            print(f"        CUDA graph steps: {graph['tokens_per_s']:,.1f} tokens/s, "
+                  f"{'the same' if graph['same_tokens'] else 'OTHER'} tokens")  # fmt: skip
     if args.json:
         from gptkit.fileio import atomic_write_json
 

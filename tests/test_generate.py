@@ -21,7 +21,7 @@ from gptkit.generate import (
     top_p_filter,
     validate_sampling,
 )
-from gptkit.model import GPT, KVCache
+from gptkit.model import GPT, KVCache, SlotKVCache
 
 FAMILIES = ["seed", "gpt2"]
 
@@ -198,6 +198,80 @@ def test_generate_with_a_bf16_kv_cache(monkeypatch) -> None:
     assert out.shape == plain.shape and torch.equal(out[:, :10], plain[:, :10])
     with pytest.raises(GptkitError, match="floating-point"):
         stream(model, idx, 3, kv_dtype=torch.int8)
+
+
+def _decoders(monkeypatch: pytest.MonkeyPatch, capture: bool) -> list:
+    """Make every generation decode through `_GraphDecoder` (uncaptured: its static steps
+    run eagerly, the path a CUDA graph records); returns the decoders made."""
+    made = []
+
+    def graph_decoder(model, rows, max_len, dtype, cuda_graph):
+        made.append(gen._GraphDecoder(model, rows, max_len, dtype, capture=capture))
+        return made[-1]
+
+    monkeypatch.setattr(gen, "_decoder", graph_decoder)
+    return made
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attention", ["dense", "alternating"])
+def test_static_decode_steps_match_the_kv_cache(
+    family: str, attention: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards the step a CUDA graph captures (`_GraphDecoder`: a SlotKVCache in static
+    mode, every step attending over all positions, those past the length masked): sampled
+    tokens equal the KVCache path's, every step's logits within 1e-5 of their scale, through the
+    window sliding past the context, with dense and banded layers."""
+    kw = dict(attention="alternating", attn_band=3) if attention == "alternating" else {}
+    model = _lively_model(family, context_length=16, **kw)
+    model.native_decode = False  # the eager modules both ways (the CPU op skips masks)
+    idx = torch.randint(0, 97, (3, 4))
+    seen: dict[str, list[torch.Tensor]] = {"cache": [], "static": []}
+    real = gen._last_logits
+
+    def recording(model, idx, kv_cache):
+        logits = real(model, idx, kv_cache)
+        static = getattr(kv_cache, "static", False) or isinstance(kv_cache, KVCache)
+        if idx.shape[1] == 1 and static:  # decode steps (prefills are the same code)
+            seen["static" if isinstance(kv_cache, SlotKVCache) else "cache"].append(logits)
+        return logits
+
+    monkeypatch.setattr(gen, "_last_logits", recording)
+    want = generate(model, idx, 50, generator=torch.Generator().manual_seed(3))
+    made = _decoders(monkeypatch, capture=False)
+    got = generate(model, idx, 50, generator=torch.Generator().manual_seed(3))
+    assert len(made) == 1 and not made[0].cache.static  # static only inside a step
+    assert torch.equal(got, want)
+    assert len(set(got[0, -20:].tolist())) >= 5
+    assert len(seen["static"]) == len(seen["cache"]) == 16 - 4  # then the window slides
+    for step, (a, b) in enumerate(zip(seen["static"], seen["cache"], strict=True)):
+        atol = 1e-5 * b.abs().max().item()  # logits up to ~20 here; measured <= 1.5e-6 of it
+        torch.testing.assert_close(a, b, atol=atol, rtol=0, msg=f"step {step}")
+
+
+def test_decoding_picks_a_cuda_graph_only_where_one_can_stand_for_the_step() -> None:
+    """Guards `_decoder`: a CPU model, `cuda_graph=False` and a hooked model decode through
+    the eager KVCache (a replayed graph would skip the CPU's native op, or the hooks)."""
+    model = GPT(tiny_config("gpt2"))
+    assert isinstance(gen._decoder(model, 1, 8, torch.float32, True), gen._CacheDecoder)
+    if torch.cuda.is_available():
+        model = model.cuda()
+        assert isinstance(gen._decoder(model, 1, 8, torch.float32, True), gen._GraphDecoder)
+        assert isinstance(gen._decoder(model, 1, 8, torch.float32, False), gen._CacheDecoder)
+        model.h[0].register_forward_hook(lambda *args: None)
+        assert isinstance(gen._decoder(model, 1, 8, torch.float32, True), gen._CacheDecoder)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decoding_equals_eager_decoding(dtype: torch.dtype) -> None:
+    """Guards the captured graph on a GPU (inputs copied in, lengths advanced on the card,
+    the output read after each replay): the tokens of eager decoding, past the context."""
+    model = _lively_model("gpt2", context_length=16).cuda().to(dtype)
+    idx = torch.randint(0, 97, (3, 4), device="cuda")
+    graphed = generate(model, idx, 40, temperature=0, cuda_graph=True)
+    eager = generate(model, idx, 40, temperature=0)
+    assert torch.equal(graphed, eager)
 
 
 def test_model_mode_is_restored() -> None:

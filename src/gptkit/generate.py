@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from gptkit.errors import GptkitError
-from gptkit.model import GPT, KVCache
+from gptkit.model import GPT, KVCache, SlotKVCache, has_hooks
 
 
 class Tokenizer(Protocol):
@@ -254,6 +254,7 @@ def stream(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     kv_dtype: torch.dtype | None = None,
+    cuda_graph: bool = False,
 ) -> Generator[torch.Tensor, None, None]:
     """Yield the next token of every row, (B,) per step, for prompts idx (B, T).
 
@@ -264,8 +265,10 @@ def stream(
     mode is restored when the stream ends or is closed. `use_cache=False` is the plain
     reference: a full forward pass over the window per token. `kv_dtype` is what the KV
     cache stores keys and values in (default: the parameters' dtype); torch.bfloat16
-    halves what each step reads from it, which dominates long generations. Bad arguments
-    raise GptkitError here, before the first token is asked for.
+    halves what each step reads from it, which dominates long generations. On CUDA,
+    `cuda_graph=True` makes each cached decode step replay a CUDA graph of one step
+    (`_GraphDecoder`; not for a model with forward hooks). Bad arguments raise
+    GptkitError here, before the first token is asked for.
     """
     validate_sampling(max_new_tokens, temperature, top_k, top_p)
     _check_prompt(model, idx)
@@ -273,8 +276,118 @@ def stream(
         raise GptkitError(f"the KV cache must hold floating-point values, got {kv_dtype}")
     return _stream(
         model, idx, max_new_tokens, temperature, top_k, top_p, eot_id, generator, use_cache,
-        kv_dtype,
+        kv_dtype, cuda_graph,
     )  # fmt: skip
+
+
+class _CacheDecoder:
+    """Decoding through a `KVCache`: prefill a window, then one token per step."""
+
+    def __init__(self, model: GPT, rows: int, max_len: int, dtype: torch.dtype) -> None:
+        device = next(model.parameters()).device
+        self.model = model
+        self.cache = KVCache(model.config, rows, max_len, device=device, dtype=dtype)
+
+    @property
+    def full(self) -> bool:
+        return self.cache.pos >= self.cache.max_len
+
+    def prefill(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (B, T) from position 0 -> the last position's logits (B, V)."""
+        self.cache.reset()
+        return _last_logits(self.model, idx, self.cache)
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """The next token ids (B, 1) -> their logits (B, V)."""
+        return _last_logits(self.model, ids, self.cache)
+
+
+class _GraphDecoder:
+    """Decoding on CUDA whose steps replay one captured CUDA graph.
+
+    Eagerly, a gpt2 decode step launches ~150 kernels, each a few microseconds of host
+    work, and at batch 1 the card waits on the host (benchmarks/RESULTS.md, session 12).
+    Here the prompt fills a `SlotKVCache` eagerly; the first step then runs with the cache
+    `static` (every step attends over all `max_len` positions, the ones past the length
+    masked; the step's shapes never change), is captured as a CUDA graph, and every step
+    replays it: the token ids copied into the graph's input, one launch, the logits read
+    from its output (valid until the next step). The cache's lengths advance on the card,
+    inside the graph; `pos` mirrors them here. `capture=False` runs the same static steps
+    eagerly: the path the graph records, which the tests check on a CPU.
+    """
+
+    def __init__(
+        self, model: GPT, rows: int, max_len: int, dtype: torch.dtype, capture: bool = True
+    ) -> None:
+        device = next(model.parameters()).device
+        self.model, self.capture = model, capture
+        self.cache = SlotKVCache(model.config, rows, max_len, device=device, dtype=dtype)
+        self.ids = torch.zeros(rows, 1, dtype=torch.long, device=device)  # the graph's input
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits = torch.empty(0)  # the graph's output
+        self.pos = 0
+
+    @property
+    def full(self) -> bool:
+        return self.pos >= self.cache.max_len
+
+    def prefill(self, idx: torch.Tensor) -> torch.Tensor:
+        self.cache.lengths.zero_()
+        self.pos = idx.shape[1]
+        return _last_logits(self.model, idx, self.cache)
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.full:
+            raise ValueError(f"KV cache of {self.cache.max_len} positions is full")
+        self.ids.copy_(ids)
+        if not self.capture:
+            logits = self._static_step()
+        else:
+            if self.graph is None:
+                self.graph = self._record()
+            self.graph.replay()
+            logits = self.logits
+        self.pos += 1
+        return logits
+
+    def _static_step(self) -> torch.Tensor:
+        self.cache.static = True
+        try:
+            return _last_logits(self.model, self.ids, self.cache)
+        finally:
+            self.cache.static = False
+
+    def _record(self) -> torch.cuda.CUDAGraph:
+        """Capture one static step (after two warm-up runs on a side stream, which lazily
+        set up cuBLAS and the attention kernels, as capture requires). The warm-ups write
+        keys at the current position, which the captured step writes again."""
+        lengths = self.cache.lengths.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._static_step()
+                self.cache.lengths.copy_(lengths)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self._static_step()
+        return graph
+
+
+def _decoder(
+    model: GPT, rows: int, max_len: int, dtype: torch.dtype, cuda_graph: bool
+) -> _CacheDecoder | _GraphDecoder:
+    """A CUDA graph where it can stand for the step: on CUDA, without forward hooks (a
+    replay calls no module) or reference attention (`explain` reads its weights)."""
+    if (
+        cuda_graph
+        and next(model.parameters()).device.type == "cuda"
+        and not has_hooks(model)
+        and not any(block.attn.reference for block in model.h)
+    ):
+        return _GraphDecoder(model, rows, max_len, dtype)
+    return _CacheDecoder(model, rows, max_len, dtype)
 
 
 def _stream(
@@ -288,6 +401,7 @@ def _stream(
     generator: torch.Generator | None,
     use_cache: bool,
     kv_dtype: torch.dtype | None,
+    cuda_graph: bool,
 ) -> Generator[torch.Tensor, None, None]:
     """The decoding loop behind `stream` (arguments already validated)."""
     if max_new_tokens == 0:
@@ -304,13 +418,12 @@ def _stream(
             tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
             tokens[:, :T] = idx
             finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-            cache = None
+            decoder = None
             if use_cache:
                 max_len = min(C, T + max_new_tokens)
-                dtype = kv_dtype or param.dtype
-                cache = KVCache(model.config, B, max_len, device=param.device, dtype=dtype)
+                decoder = _decoder(model, B, max_len, kv_dtype or param.dtype, cuda_graph)
             # 1. prefill: the whole prompt in one pass (fills the cache when there is one)
-            logits = _last_logits(model, idx, cache)  # (B, V)
+            logits = _last_logits(model, idx, None) if decoder is None else decoder.prefill(idx)
         n = T  # tokens written
         for step in range(max_new_tokens):
             with torch.inference_mode():
@@ -327,13 +440,12 @@ def _stream(
                 return
             with torch.inference_mode():
                 # 3. the next step's logits
-                if cache is None:
+                if decoder is None:
                     logits = _last_logits(model, tokens[:, max(0, n - C) : n], None)
-                elif cache.pos < cache.max_len:
-                    logits = _last_logits(model, tokens[:, n - 1 : n], cache)  # one token
-                else:
-                    cache.reset()  # the window slid: every cached position is stale
-                    logits = _last_logits(model, tokens[:, n - C : n], cache)
+                elif not decoder.full:
+                    logits = decoder.step(tokens[:, n - 1 : n])  # one token
+                else:  # the window slid: every cached position is stale
+                    logits = decoder.prefill(tokens[:, n - C : n])
     finally:
         model.train(was_training)
 
@@ -349,6 +461,7 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     kv_dtype: torch.dtype | None = None,
+    cuda_graph: bool = False,
 ) -> torch.Tensor:
     """Prompts idx (B, T) -> (B, T + n): the prompts followed by n <= max_new_tokens tokens.
 
@@ -357,7 +470,7 @@ def generate(
     """
     steps = stream(
         model, idx, max_new_tokens, temperature, top_k, top_p, eot_id, generator, use_cache,
-        kv_dtype,
+        kv_dtype, cuda_graph,
     )  # fmt: skip
     new = [t.to(idx.device) for t in steps]  # n x (B,)
     if not new:

@@ -188,6 +188,11 @@ class SlotKVCache:
     length are leftovers from earlier occupants and are masked out, never read.
     The scheduler keeps the live rows packed at [0, B) with `move` (a finished row is
     replaced by the last one) and fills a row from a one-sequence `KVCache` with `load`.
+
+    `static = True` makes every forward pass attend over all `max_len` positions, those
+    past a row's length masked out, and read no tensor's value on the host (the room
+    check is then the caller's): a step's shapes and work no longer depend on the
+    lengths, so a CUDA graph can capture one decode step and replay it for the next.
     """
 
     def __init__(
@@ -200,6 +205,7 @@ class SlotKVCache:
     ) -> None:
         self.max_len, self.k, self.v = _cache_tensors(config, n_slots, max_len, device, dtype)
         self.lengths = torch.zeros(n_slots, dtype=torch.long, device=device)  # (N,)
+        self.static = False
 
     @property
     def n_slots(self) -> int:
@@ -214,9 +220,9 @@ class SlotKVCache:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Store (B, H, T, D) keys/values at each row's own positions.
 
-        Returns keys and values (B, H, S, D), S = the longest row's new length, and the
-        boolean key mask (B, 1, T, S): query t of row r sees key s iff s <= lengths[r] + t
-        (and, for a banded layer, s > lengths[r] + t - band).
+        Returns keys and values (B, H, S, D), S = the longest row's new length (`max_len`
+        when `static`), and the boolean key mask (B, 1, T, S): query t of row r sees key s
+        iff s <= lengths[r] + t (and, for a banded layer, s > lengths[r] + t - band).
         """
         B, _, T, _ = k.shape
         pos = self.positions(B, T)  # (B, T)
@@ -224,7 +230,7 @@ class SlotKVCache:
         dtype = self.k.dtype  # index_put takes no other
         self.k[layer][rows, :, pos] = k.transpose(1, 2).to(dtype)  # indexed view: (B, T, H, D)
         self.v[layer][rows, :, pos] = v.transpose(1, 2).to(dtype)
-        S = int(self.lengths[:B].max()) + T
+        S = self.max_len if self.static else int(self.lengths[:B].max()) + T
         keys = torch.arange(S, device=pos.device)  # (S,)
         mask = keys[None, None, :] <= pos[:, :, None]  # (B, T, S)
         if band is not None:
@@ -449,7 +455,7 @@ class MLP(nn.Module):
             # In place where no hook holds c_fc's output: autograd then keeps only the
             # result (which c_proj keeps anyway), not the input too. ATen's in-place leaky
             # ReLU needs a positive slope for that.
-            private = not _has_hooks(self.c_fc)
+            private = not has_hooks(self.c_fc)
             if self.activation == "leaky_relu":
                 h = F.leaky_relu(h, self.leaky_slope, inplace=private and self.leaky_slope > 0)
             else:
@@ -469,7 +475,7 @@ class MLP(nn.Module):
             and type(self.c_fc) is nn.Linear
             and self.c_fc.bias is not None
             and not (self.activation == "leaky_relu" and self.leaky_slope < 0)
-            and not _has_hooks(self.c_fc)
+            and not has_hooks(self.c_fc)
             and kernels.training_namespace() is not None
         )
 
@@ -541,7 +547,7 @@ def _lookup(table: nn.Module, idx: torch.Tensor) -> torch.Tensor:
         and table.padding_idx is None
         and table.max_norm is None
         and not (table.scale_grad_by_freq or table.sparse)
-        and not _has_hooks(table)
+        and not has_hooks(table)
         and kernels.training_namespace() is not None
     ):
         return kernels.embedding(table.weight, idx)
@@ -563,7 +569,7 @@ def _attention_backends(device: torch.device) -> contextlib.AbstractContextManag
     return contextlib.nullcontext()
 
 
-def _has_hooks(root: nn.Module) -> bool:
+def has_hooks(root: nn.Module) -> bool:
     """True if a forward hook or forward pre-hook would run for `root` or a module below it
     (its own, or one registered for every module)."""
     from torch.nn.modules import module as torch_module
@@ -689,7 +695,7 @@ class GPT(nn.Module):
             or torch.compiler.is_compiling()
             or getattr(self._first_norm_weight(), "dtype", None) != torch.float32
             or any(block._modules["attn"].reference for block in self.h._modules.values())
-            or _has_hooks(self)
+            or has_hooks(self)
         ):
             return None
         return kernels.decode_step_op()
@@ -799,7 +805,8 @@ class GPT(nn.Module):
         """`hidden_states` for rows [0, B) of a `SlotKVCache`, each at its own position."""
         B, T = idx.shape
         pos = kv_cache.positions(B, T)  # (B, T)
-        self._check_room(kv_cache, int(pos[:, -1].max()) + 1)
+        if not kv_cache.static:  # a static cache's caller checks (no value read here)
+            self._check_room(kv_cache, int(pos[:, -1].max()) + 1)
         x = self.wte(idx)  # (B, T, C)
         if self.config.embed_scale:
             x = x * math.sqrt(self.config.d_model)
