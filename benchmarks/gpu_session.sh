@@ -5,7 +5,8 @@
 #   TINY=1 PY=.venv/bin/python bash benchmarks/gpu_session.sh     # a dry run on this CPU
 #
 # 1. the CUDA-graph decoding test (when pytest is there), 2. `gpu_train.py` as committed
-# (vocabulary padded to 64, decoding eager and CUDA-graphed, their tokens compared),
+# (vocabulary padded to 64, then 3 steps profiled by kind of kernel; decoding eager and
+# CUDA-graphed, their tokens compared),
 # 3. the same training with the unpadded vocabulary and 4. with inductor's
 # coordinate-descent tuning, each in a process of its own: the A/B figures for
 # benchmarks/RESULTS.md. JSON results go to $OUT (default /tmp/gpu_session).
@@ -25,7 +26,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clo
 if "$PY" -c "import pytest, hypothesis" 2>/dev/null; then
     run "$PY" -m pytest -q -p no:cacheprovider tests/test_generate.py -k "cuda_graph or static or picks"
 fi
-run "$PY" benchmarks/gpu_train.py "${ARGS[@]}" --json "$OUT/train_pad64.json"
+run "$PY" benchmarks/gpu_train.py "${ARGS[@]}" --profile-steps 3 --json "$OUT/train_pad64.json"
 run "$PY" benchmarks/gpu_train.py "${ARGS[@]}" --vocab-multiple 1 --decode-batches "" \
     --json "$OUT/train_pad1.json"
 run "$PY" benchmarks/gpu_train.py "${ARGS[@]}" --coordinate-descent --decode-batches "" \

@@ -51,6 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--coordinate-descent", action="store_true",
         help="inductor tunes each generated kernel's block sizes (a longer compile)",
     )  # fmt: skip
+    p.add_argument(
+        "--profile-steps", type=int, default=0,
+        help="then profile this many steps: ms per step by kind of kernel, the top kernels",
+    )  # fmt: skip
     p.add_argument("--decode-batches", default="1,64", help="batch sizes for decoding ('': none)")
     p.add_argument("--decode-tokens", type=int, default=None, help="new tokens per decode")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON here")
@@ -124,6 +128,7 @@ def bench_training(
     compile: bool,
     device: torch.device,
     vocab_multiple: int = VOCAB_MULTIPLE,
+    profile_steps: int = 0,
 ) -> dict[str, Any]:
     config = model.config
     T = config.context_length
@@ -156,7 +161,9 @@ def bench_training(
     seconds = time.perf_counter() - start
     tokens_per_s = batch * T * steps / seconds
     flops_per_token = 6 * matmul_params(config) + attention_flops_per_token(config)
+    kernels = profile(lambda: [step(i) for i in range(profile_steps)], device, profile_steps)
     return {
+        "kernels_ms_per_step": kernels,
         "batch": batch,
         "context": T,
         "steps": steps,
@@ -169,6 +176,44 @@ def bench_training(
         if device.type == "cuda"
         else None,
     }
+
+
+# Kernel names -> where a step's time goes (cuBLAS / cuDNN / inductor / optimizer).
+KERNEL_KINDS = {
+    "matmul": ("gemm", "nvjet", "cutlass", "xmma", "mkl", "addmm", "aten::mm", "aten::bmm"),
+    "attention": ("flash", "fmha", "attention", "cudnn"),
+    "adamw": ("adam", "multi_tensor"),
+    "inductor": ("triton", "cpp_fused", "graph_"),
+}
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((k for k, keys in KERNEL_KINDS.items() if any(s in lowered for s in keys)), "other")
+
+
+def profile(run: Any, device: torch.device, steps: int, top: int = 25) -> dict[str, Any] | None:
+    """Run `run()` (`steps` training steps) under torch.profiler: ms per step by kind of
+    kernel and of the `top` kernels, device time on CUDA (self CPU time elsewhere)."""
+    if steps <= 0:
+        return None
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profiler(activities=activities) as prof:
+        run()
+        sync(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr) > 0]
+    if device.type == "cuda":  # the kernels themselves, not the host ops that launched them
+        events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    ms = {e.key: getattr(e, attr) / 1000 / steps for e in events}
+    kinds: dict[str, float] = {}
+    for name, t in ms.items():
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + t
+    return {"total": sum(ms.values()), "kinds": kinds, "top": dict(list(ms.items())[:top])}
 
 
 def bench_decode(
@@ -212,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["vocab_multiple"] = args.vocab_multiple
     result["coordinate_descent"] = args.coordinate_descent
     result["train"] = train = bench_training(
-        model, batch, steps, warmup, args.compile, device, args.vocab_multiple
+        model, batch, steps, warmup, args.compile, device, args.vocab_multiple, args.profile_steps
     )
     train["mfu"] = None if peak is None else train["tflops"] / peak
     train["of_measured_matmul"] = None if measured is None else train["tflops"] / measured
@@ -242,6 +287,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{train['tokens_per_s']:,.0f} tokens/s, {train['tflops']:.1f} TFLOP/s, MFU {mfu} "
         f"({how}; warm-up {train['warmup_seconds']:.0f} s)"
     )
+    if train["kernels_ms_per_step"] is not None:
+        kernels = train["kernels_ms_per_step"]
+        kinds = ", ".join(f"{k} {t:.1f}" for k, t in sorted(kernels["kinds"].items()))
+        print(f"profile, ms per step: {kernels['total']:.1f} in all: {kinds}")
+        for name, t in kernels["top"].items():
+            print(f"  {t:7.2f}  {kernel_kind(name):9s} {name[:110]}")
     for b, speed in result["decode_tokens_per_s"].items():
         print(f"decode: batch {b}, {speed:,.1f} tokens/s (bf16 weights, greedy, KV cache)")
         if b in result["decode_graph_tokens_per_s"]:

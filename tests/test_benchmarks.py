@@ -26,9 +26,12 @@ def test_gpu_train_runs_tiny_on_cpu(tmp_path, capsys):
     out = tmp_path / "r.json"
     args = ["--tiny", "--no-compile", "--device", "cpu", "--steps", "2", "--warmup", "1"]
     args += ["--decode-batches", "1,2", "--decode-tokens", "3", "--peak-tflops", "0.5"]
-    result = gpu_train.main([*args, "--json", str(out)])
+    result = gpu_train.main([*args, "--profile-steps", "1", "--json", str(out)])
     train = result["train"]
     assert train["tokens_per_s"] > 0 and train["final_loss"] > 0
+    kernels = train["kernels_ms_per_step"]
+    assert kernels["total"] == pytest.approx(sum(kernels["kinds"].values()))
+    assert 0 < len(kernels["top"]) <= 25
     assert train["mfu"] == pytest.approx(train["tflops"] / 0.5)
     assert set(json.loads(out.read_text())["decode_tokens_per_s"]) == {"1", "2"}
     assert "MFU" in capsys.readouterr().out
