@@ -153,9 +153,11 @@ def padded_logits(model: GPT, idx: torch.Tensor, multiple: int = VOCAB_MULTIPLE)
     loss and every gradient are the unpadded ones.
 
     gpt2's 50,257 rows make an odd-sized product and odd-length rows for the loss's
-    reductions; with 50,304 the compiled loss stepped faster. Only under torch.compile,
-    where the pad fuses into the weight's read and the slice into the loss: eagerly both
-    are copies and the step is ~8% slower (2-core dev CPU, benchmarks/RESULTS.md).
+    reductions; padded to 50,304, a compiled step of a 4-layer width-128 model on the
+    2-core dev CPU ran 1.19x faster in fp32, 1.04x under bf16 autocast (session 13,
+    benchmarks/padded_vocab.py). Only under torch.compile, where the pad fuses into the
+    weight's read and the slice into the loss: eagerly both are copies, and the same step
+    ran 0.90-0.93x (benchmarks/RESULTS.md).
     """
     weight = model.lm_head.weight  # (V, C)
     padded = F.pad(weight, (0, 0, 0, -weight.shape[0] % multiple))  # (V', C), zero rows
