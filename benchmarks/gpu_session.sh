@@ -24,7 +24,7 @@ run() { echo "=== $* ($(date -u +%H:%M:%S))"; "$@" || { status=1; echo "=== FAIL
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv
 "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__)"
 if "$PY" -c "import pytest, hypothesis" 2>/dev/null; then
-    run "$PY" -m pytest -q -p no:cacheprovider tests/test_generate.py -k "cuda_graph or picks"
+    run "$PY" -m pytest -q -p no:cacheprovider tests/test_generate.py -k "graph_decoder or picks"
 fi
 run "$PY" benchmarks/gpu_train.py "${ARGS[@]}" --profile-steps 3 --json "$OUT/train_pad64.json"
 run "$PY" benchmarks/gpu_train.py "${ARGS[@]}" --vocab-multiple 1 --decode-batches "" \

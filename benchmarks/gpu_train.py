@@ -9,8 +9,8 @@ not a data loader. MFU = (6 N + 12 L d T) FLOPs per token x tokens/s / dense bf1
 (the script knows H100/H200/A100 and others from gptkit.plan.GPUS; --peak-tflops
 overrides), and beside it the card's own bf16 matrix-product rate measured in the same run.
 Decoding: greedy, KV cache, bf16 weights, batch 1 and 64; on CUDA also with every step
-replayed as a CUDA graph (`generate(..., cuda_graph=True)`), its tokens checked against
-the eager ones.
+replayed as a CUDA graph (`generate(..., cuda_graph=True)`), and for how many tokens
+its greedy output is the eager one.
 
     python benchmarks/gpu_train.py                     # on a GPU, ~2-3 minutes
     python benchmarks/gpu_train.py --tiny --no-compile # tiny model on CPU, seconds
@@ -269,7 +269,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["decode_tokens_per_s"][b], eager = bench_decode(decode_model, b, new_tokens, device)
         if device.type == "cuda":  # the same decoding, each step a replayed CUDA graph
             speed, graphed = bench_decode(decode_model, b, new_tokens, device, cuda_graph=True)
-            same = torch.equal(graphed, eager)
+            # Greedy bf16 tokens may part where two logits round alike: how long they agree.
+            differs = (graphed != eager).any(dim=0).nonzero()
+            same = int(differs[0]) - 16 if len(differs) else graphed.shape[1] - 16
             result["decode_graph_tokens_per_s"][b] = {"tokens_per_s": speed, "same_tokens": same}
     mfu = "n/a (unknown peak)" if train["mfu"] is None else f"{train['mfu']:.1%}"
     how = "eager"
@@ -297,8 +299,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"decode: batch {b}, {speed:,.1f} tokens/s (bf16 weights, greedy, KV cache)")
         if b in result["decode_graph_tokens_per_s"]:
             graph = result["decode_graph_tokens_per_s"][b]
-            print(f"        CUDA graph steps: {graph['tokens_per_s']:,.1f} tokens/s, "
-                  f"{'the same' if graph['same_tokens'] else 'OTHER'} tokens")  # fmt: skip
+            print(f"        CUDA graph steps: {graph['tokens_per_s']:,.1f} tokens/s, the eager "
+                  f"tokens for the first {graph['same_tokens']} of {new_tokens}")  # fmt: skip
     if args.json:
         from gptkit.fileio import atomic_write_json
 

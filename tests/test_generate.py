@@ -262,16 +262,34 @@ def test_decoding_picks_a_cuda_graph_only_where_one_can_stand_for_the_step() -> 
         assert isinstance(gen._decoder(model, 1, 8, torch.float32, True), gen._CacheDecoder)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_decoding_equals_eager_decoding(dtype: torch.dtype) -> None:
-    """Guards the captured graph on a GPU (inputs copied in, lengths advanced on the card,
-    the output read after each replay): the tokens of eager decoding, past the context."""
-    model = _lively_model("gpt2", context_length=16).cuda().to(dtype)
-    idx = torch.randint(0, 97, (3, 4), device="cuda")
-    graphed = generate(model, idx, 40, temperature=0, cuda_graph=True)
-    eager = generate(model, idx, 40, temperature=0)
-    assert torch.equal(graphed, eager)
+def test_graph_decoder_steps_equal_the_cache_decoders(device: str, dtype: torch.dtype) -> None:
+    """Guards `_GraphDecoder` step by step: fed the same tokens, every step's logits are
+    the KVCache decoder's (to 1e-5 of their scale in fp32, 2% in bf16, whose logits are
+    rounded to 8 bits). On CUDA the steps replay the captured graph (inputs copied in,
+    lengths advanced on the card, the output read after each replay), and greedy
+    generation in fp32 gives the eager tokens; on a CPU they run uncaptured."""
+    model = _lively_model("gpt2", context_length=32).to(device, dtype)
+    idx = torch.randint(0, 97, (3, 4), device=device)
+    feed = torch.randint(0, 97, (3, 20), device=device)
+    with torch.inference_mode():
+        graph = gen._GraphDecoder(model, 3, 24, dtype, capture=device == "cuda")
+        eager = gen._CacheDecoder(model, 3, 24, dtype)
+        steps = [(graph.prefill(idx).float().clone(), eager.prefill(idx).float())]
+        for t in range(20):
+            ids = feed[:, t : t + 1]
+            steps.append((graph.step(ids).float().clone(), eager.step(ids).float()))
+        assert graph.full and eager.full and (graph.graph is not None) == (device == "cuda")
+    for t, (a, b) in enumerate(steps):
+        atol = (1e-5 if dtype == torch.float32 else 2e-2) * b.abs().max().item()
+        torch.testing.assert_close(a, b, atol=atol, rtol=0, msg=f"step {t}")
+    if device == "cuda" and dtype == torch.float32:
+        graphed = generate(model, idx, 40, temperature=0, cuda_graph=True)
+        assert torch.equal(graphed, generate(model, idx, 40, temperature=0))
 
 
 def test_model_mode_is_restored() -> None:
