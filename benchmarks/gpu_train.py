@@ -212,7 +212,8 @@ def profile(run: Any, device: torch.device, steps: int, top: int = 25) -> dict[s
     ms = {e.key: getattr(e, attr) / 1000 / steps for e in events}
     kinds: dict[str, float] = {}
     for name, t in ms.items():
-        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + t
+        kind = kernel_kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + t
     return {"total": sum(ms.values()), "kinds": kinds, "top": dict(list(ms.items())[:top])}
 
 
