@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# What a session with a lent GPU runs, as one command (~7-9 minutes on an H200):
+# What a session with a lent GPU runs, as one command (~8-10 minutes on an H200):
 #
-#   bash benchmarks/gpu_session.sh 2>&1 | tee "$OUT/log.txt"     # through the device tool
+#   bash benchmarks/gpu_session.sh 2>&1 | tee "$OUT/log.txt"     # device tool, carry .devdeps
 #   TINY=1 PY=.venv/bin/python bash benchmarks/gpu_session.sh     # a dry run on this CPU
 #
-# 1. the CUDA-graph decoding test (when pytest is there), 2. `gpu_train.py` as committed
-# (vocabulary padded to 64, then 3 steps profiled by kind of kernel; decoding eager and
-# CUDA-graphed, their tokens compared),
-# 3. the same training with the unpadded vocabulary and 4. with inductor's
-# coordinate-descent tuning, each in a process of its own: the A/B figures for
+# In order of what matters most, so that a run cut short still reports the first ones:
+# 1. the CUDA tests of CUDA-graph decoding and of the Triton cross-entropy (when pytest is
+# there), 2. `cross_entropy.py`: the loss alone, inductor's against gpu_kernels' (seconds),
+# 3. `gpu_train.py` as committed (vocabulary padded to 64, 3 steps profiled by kind of
+# kernel; decoding eager and CUDA-graphed, their tokens compared), 4. the same training
+# with `--loss-kernel triton`, 5. with inductor's coordinate-descent tuning, 6. with the
+# unpadded vocabulary; each in a process of its own: the A/B figures for
 # benchmarks/RESULTS.md. JSON results go to $OUT (default /tmp/gpu_session).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +18,9 @@ PY=${PY:-python3}
 OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+# The lent machine has no pytest and no network: carry a folder made here with
+# `pip install --target .devdeps pytest hypothesis` (pure Python, ~20 MB).
+if [ -d .devdeps ]; then export PYTHONPATH="$PYTHONPATH:$PWD/.devdeps"; fi
 ARGS=()
 if [ -n "${TINY:-}" ]; then ARGS=(--tiny --device cpu --steps 2 --warmup 1 --decode-tokens 4); fi
 status=0
@@ -24,12 +29,18 @@ run() { echo "=== $* ($(date -u +%H:%M:%S))"; "$@" || { status=1; echo "=== FAIL
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv
 "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__)"
 if "$PY" -c "import pytest, hypothesis" 2>/dev/null; then
-    run "$PY" -m pytest -q -p no:cacheprovider tests/test_generate.py -k "graph_decoder or picks"
+    run "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py \
+        tests/test_generate.py -k "gpu_kernels or graph_decoder or picks"
 fi
+run "$PY" benchmarks/cross_entropy.py ${TINY:+--tiny} --json "$OUT/cross_entropy.json"
 run "$PY" benchmarks/gpu_train.py "${ARGS[@]}" --profile-steps 3 --json "$OUT/train_pad64.json"
-run "$PY" benchmarks/gpu_train.py "${ARGS[@]}" --vocab-multiple 1 --decode-batches "" \
-    --json "$OUT/train_pad1.json"
+if [ -z "${TINY:-}" ]; then  # the Triton loss runs on a GPU only
+    run "$PY" benchmarks/gpu_train.py --loss-kernel triton --profile-steps 3 \
+        --decode-batches "" --json "$OUT/train_pad64_triton.json"
+fi
 run "$PY" benchmarks/gpu_train.py "${ARGS[@]}" --coordinate-descent --decode-batches "" \
     --json "$OUT/train_pad64_cdt.json"
+run "$PY" benchmarks/gpu_train.py "${ARGS[@]}" --vocab-multiple 1 --decode-batches "" \
+    --json "$OUT/train_pad1.json"
 echo "=== done ($(date -u +%H:%M:%S)), status $status"
 exit $status

@@ -2,7 +2,8 @@
 
 bf16 autocast, fused attention (SDPA), torch.compile (the model and its loss as one graph,
 as `gptkit train --compile` does in one process, the unembedding over the vocabulary padded
-to a multiple of `--vocab-multiple`), fused AdamW, gradient clipping, and
+to a multiple of `--vocab-multiple`; `--loss-kernel triton`: its cross-entropy in
+gptkit.gpu_kernels' Triton kernels instead of inductor's), fused AdamW, gradient clipping, and
 the largest micro-batch (power of two, at most 64) that `gptkit.plan` expects to fit in
 80% of the card. Data are random token ids: this measures the model and the optimizer,
 not a data loader. MFU = (6 N + 12 L d T) FLOPs per token x tokens/s / dense bf16 peak
@@ -46,6 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--vocab-multiple", type=int, default=VOCAB_MULTIPLE,
         help="the compiled loss's unembedding pads the vocabulary to a multiple of this",
+    )  # fmt: skip
+    p.add_argument(
+        "--loss-kernel", choices=["inductor", "triton"], default="inductor",
+        help="the compiled loss's cross-entropy: inductor's code or gptkit.gpu_kernels'",
     )  # fmt: skip
     p.add_argument(
         "--coordinate-descent", action="store_true",
@@ -129,6 +134,7 @@ def bench_training(
     device: torch.device,
     vocab_multiple: int = VOCAB_MULTIPLE,
     profile_steps: int = 0,
+    loss_kernel: str = "inductor",
 ) -> dict[str, Any]:
     config = model.config
     T = config.context_length
@@ -136,7 +142,7 @@ def bench_training(
         model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True
     )
     # What `gptkit train --compile` does in one process: the loss compiled with the model.
-    loss_of = batch_loss(model, compile, device, DistEnv(), vocab_multiple)
+    loss_of = batch_loss(model, compile, device, DistEnv(), vocab_multiple, loss_kernel)
     g = torch.Generator(device="cpu").manual_seed(0)
     data = torch.randint(0, config.vocab_size, (8, batch, T + 1), generator=g).to(device)
 
@@ -183,6 +189,7 @@ KERNEL_KINDS = {
     "matmul": ("gemm", "nvjet", "cutlass", "xmma", "mkl", "addmm", "aten::mm", "aten::bmm"),
     "attention": ("flash", "fmha", "attention", "cudnn"),
     "adamw": ("adam", "multi_tensor"),
+    "loss": ("cross_entropy", "log_softmax", "nll_loss"),  # gpu_kernels' or inductor's
     "inductor": ("triton", "cpp_fused", "graph_"),
 }
 
@@ -257,9 +264,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["matmul_tflops"] = measured = matmul_tflops(device)
     result["vocab_multiple"] = args.vocab_multiple
     result["coordinate_descent"] = args.coordinate_descent
+    result["loss_kernel"] = args.loss_kernel
     result["train"] = train = bench_training(
-        model, batch, steps, warmup, args.compile, device, args.vocab_multiple, args.profile_steps
-    )
+        model, batch, steps, warmup, args.compile, device, args.vocab_multiple,
+        args.profile_steps, args.loss_kernel,
+    )  # fmt: skip
     train["mfu"] = None if peak is None else train["tflops"] / peak
     train["of_measured_matmul"] = None if measured is None else train["tflops"] / measured
     # The whole model in bf16 (activations and KV cache too): what a GPU decodes fastest.
@@ -279,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.compile:
         how = f"compiled, the unembedding padded to a multiple of {args.vocab_multiple}"
         how += ", coordinate-descent tuning" if args.coordinate_descent else ""
+        how += ", gpu_kernels' cross-entropy" if args.loss_kernel == "triton" else ""
     print(f"{name}, torch {torch.__version__}, {config.num_parameters() / 1e6:.1f}M params")
     if measured is not None:
         print(

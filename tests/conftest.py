@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from gptkit.config import GPTConfig
+
+# Without a GPU, gptkit.gpu_kernels' Triton kernels run in Triton's interpreter on CPU
+# tensors (tests/test_gpu_kernels.py); triton reads the switch when it is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 

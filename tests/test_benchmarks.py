@@ -37,6 +37,32 @@ def test_gpu_train_runs_tiny_on_cpu(tmp_path, capsys):
     assert "MFU" in capsys.readouterr().out
 
 
+def test_cross_entropy_benchmark_runs_tiny(tmp_path, capsys):
+    """Guards benchmarks/cross_entropy.py (the loss alone, inductor's against the Triton
+    kernels', which on this CPU run in Triton's interpreter): every way computes the loss
+    and gradient of the fp32 reference and leaves the padding's gradient zero."""
+    pytest.importorskip("triton")
+    cross_entropy = load_script("cross_entropy")
+    out = tmp_path / "ce.json"
+    result = cross_entropy.main(["--tiny", "--rows", "16", "--rounds", "1", "--json", str(out)])
+    ways = result["ways"]
+    assert len(ways) == 1 + len(cross_entropy.CONFIGS) and "inductor" in ways
+    assert result["width"] == 5056 and result["vocab"] == 5000
+    for way in ways.values():
+        assert way["loss_error"] < 1e-4 and way["grad_max_error"] < 1e-3
+        assert way["padding_grad_zero"] and way["median_ms"] > 0
+    assert json.loads(out.read_text())["ways"].keys() == ways.keys()
+    assert "triton block 4096 warps 8" in capsys.readouterr().out
+
+
+def test_gpu_train_names_the_losss_kernels():
+    """The profile's "loss" kind: gpu_kernels' kernels and inductor's cross-entropy."""
+    kind = load_script("gpu_train").kernel_kind
+    assert kind("cross_entropy_backward_kernel") == "loss"
+    assert kind("triton_red_fused__log_softmax__to_copy_nll_loss_forward_0") == "loss"
+    assert kind("triton_per_fused_native_layer_norm_3") == "inductor"
+
+
 def test_gpu_peaks_are_known_for_h100_and_h200():
     """Guards the peak lookup the MFU figure divides by."""
     gpu_train = load_script("gpu_train")

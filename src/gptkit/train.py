@@ -159,9 +159,15 @@ def padded_logits(model: GPT, idx: torch.Tensor, multiple: int = VOCAB_MULTIPLE)
     weight's read and the slice into the loss: eagerly both are copies, and the same step
     ran 0.90-0.93x (benchmarks/RESULTS.md).
     """
+    return padded_unembedding(model, idx, multiple)[..., : model.lm_head.weight.shape[0]]
+
+
+def padded_unembedding(model: GPT, idx: torch.Tensor, multiple: int) -> torch.Tensor:
+    """The final hidden states times the head's weight padded with zero rows to a multiple
+    of `multiple`: (B, T, V') logits whose columns past the vocabulary are zeros."""
     weight = model.lm_head.weight  # (V, C)
     padded = F.pad(weight, (0, 0, 0, -weight.shape[0] % multiple))  # (V', C), zero rows
-    return F.linear(model.hidden_states(idx), padded)[..., : weight.shape[0]]  # (B, T, V)
+    return F.linear(model.hidden_states(idx), padded)  # (B, T, V')
 
 
 def batch_loss(
@@ -170,6 +176,7 @@ def batch_loss(
     device: torch.device,
     env: distributed.DistEnv,
     vocab_multiple: int = VOCAB_MULTIPLE,
+    loss_kernel: str = "inductor",
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """(x, y) -> `lm_loss(forward(x), y)`, compiled with `--compile`.
 
@@ -179,9 +186,15 @@ def batch_loss(
     faster, its peak memory 44 GB instead of 63; on the 2-core dev CPU a 4-layer width-128
     model stepped 1.45x faster with gpt2's 50,257 tokens, 1.04x with 65 characters
     (benchmarks/RESULTS.md, session 12). Its unembedding runs over the vocabulary padded
-    to `vocab_multiple` (`padded_logits`; 1 pads nothing).
+    to `vocab_multiple` (`padded_logits`; 1 pads nothing). `loss_kernel="triton"` (CUDA
+    only) computes that graph's cross-entropy with `gpu_kernels.cross_entropy` instead of
+    inductor's code, over the padded logits as they are.
     Under torchrun the module itself is compiled, as DDP and FSDP expect.
     """
+    if loss_kernel not in ("inductor", "triton"):
+        raise ValueError(f"loss_kernel is 'inductor' or 'triton', not {loss_kernel!r}")
+    if loss_kernel == "triton" and not (compile and device.type == "cuda" and not env.enabled):
+        raise ValueError("the Triton loss runs in one compiled process on a CUDA device")
     if not compile:
         return lambda x, y: lm_loss(forward(x), y)
     options = compile_options(device, env)
@@ -191,7 +204,13 @@ def batch_loss(
     if not isinstance(forward, GPT):
         raise TypeError(f"one process trains a GPT itself, got {type(forward).__name__}")
 
+    if loss_kernel == "triton":
+        from gptkit.gpu_kernels import cross_entropy
+
     def model_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if loss_kernel == "triton":  # over the padded logits as they are
+            logits = padded_unembedding(forward, x, vocab_multiple)
+            return cross_entropy(logits, y, forward.config.vocab_size)
         return lm_loss(padded_logits(forward, x, vocab_multiple), y)
 
     return torch.compile(model_loss, options=options)
