@@ -102,7 +102,8 @@ def test_the_padded_unembeddings_triton_loss_is_the_models_loss_and_gradients(ke
     through the unembedding padded from 203 rows to 256 equal `lm_loss(model(x), y)`.
     (torch.compile's tracing of the kernels needs a GPU: the test after next.)"""
     model = _model()
-    x, y = torch.randint(0, 203, (2, 3, 8), device=DEVICE)
+    tokens = torch.randint(0, 203, (3, 9), device=DEVICE)
+    x, y = tokens[:, :-1], tokens[:, 1:]  # as training slices them: y is not contiguous
     want = lm_loss(model(x), y)
     want_grads = _grads(model, want)
     logits = padded_unembedding(model, x, VOCAB_MULTIPLE)
@@ -126,9 +127,11 @@ def test_batch_loss_takes_the_triton_loss_only_where_it_runs():
 def test_compiled_triton_loss_equals_inductors_on_the_card(kernels):
     """Guards `batch_loss(loss_kernel="triton")` as `gptkit train --compile` would run it:
     inductor compiles the graph with the user kernels in it; under bf16 autocast its loss
-    and gradients are the eager model's within bf16 rounding."""
+    and gradients are the eager model's within bf16 rounding (a gradient missing its
+    one-hot or its scale would be off by its whole size)."""
     model, env = _model(), distributed.DistEnv()
-    x, y = torch.randint(0, 203, (2, 3, 8), device=DEVICE)
+    tokens = torch.randint(0, 203, (3, 9), device=DEVICE)
+    x, y = tokens[:, :-1], tokens[:, 1:]
     results = []
     for loss_of in (
         lambda x, y: lm_loss(padded_logits(model, x, 1), y),
@@ -139,8 +142,9 @@ def test_compiled_triton_loss_equals_inductors_on_the_card(kernels):
         results.append((loss.detach(), _grads(model, loss)))
     (want, want_grads), (got, got_grads) = results
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
-    for name, g in want_grads.items():
-        torch.testing.assert_close(got_grads[name], g, rtol=2e-2, atol=1e-4, msg=name)
+    for name, g in want_grads.items():  # bf16 rounds each element: compare whole tensors
+        error = (got_grads[name] - g).norm() / g.norm()
+        assert error < 2e-2, f"{name}: relative error {error:.3g}"
 
 
 # Compiles gptkit.gpu_kernels' kernels for sm_90 and prints their PTX as JSON; run in a
@@ -154,8 +158,7 @@ from gptkit import gpu_kernels
 
 padded = sys.argv[1] == "1"
 args = {  # name: (type, divisible by 16 at gpt2's shapes)
-    "grad_ptr": ("*bf16", True), "grad_loss_ptr": ("*fp32", True),
-    "grad_loss_stride": ("i32", False), "logits_ptr": ("*bf16", True),
+    "grad_ptr": ("*bf16", True), "grad_loss_ptr": ("*fp32", True), "logits_ptr": ("*bf16", True),
     "targets_ptr": ("*i64", True), "loss_ptr": ("*fp32", True), "lse_ptr": ("*fp32", True),
     "row_stride": ("i32", padded), "vocab": ("i32", False), "width": ("i32", padded),
 }

@@ -71,7 +71,6 @@ def cross_entropy_forward_kernel(
 def cross_entropy_backward_kernel(
     grad_ptr,
     grad_loss_ptr,
-    grad_loss_stride,
     logits_ptr,
     targets_ptr,
     lse_ptr,
@@ -84,7 +83,7 @@ def cross_entropy_backward_kernel(
     base = logits_ptr + row * row_stride
     grad_base = grad_ptr + row * width
     cols = tl.arange(0, BLOCK)
-    upstream = tl.load(grad_loss_ptr + row * grad_loss_stride).to(tl.float32)
+    upstream = tl.load(grad_loss_ptr + row).to(tl.float32)
     lse = tl.load(lse_ptr + row)
     target = tl.load(targets_ptr + row)
     for start in range(0, width, BLOCK):
@@ -125,7 +124,6 @@ def cross_entropy_rows_backward(
     wrap_triton(cross_entropy_backward_kernel)[(rows,)](
         grad,
         grad_loss,
-        grad_loss.stride(0),
         logits,
         targets,
         lse,
@@ -146,7 +144,10 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_loss, grad_lse):
     logits, targets, lse = ctx.saved_tensors
-    return cross_entropy_rows_backward(grad_loss, logits, targets, lse, ctx.vocab), None, None
+    # The mean's gradient comes expanded from one number (stride 0); the kernel reads a
+    # plain vector, which torch.compile then keeps the same layout as when it traced.
+    grad = cross_entropy_rows_backward(grad_loss.contiguous(), logits, targets, lse, ctx.vocab)
+    return grad, None, None
 
 
 cross_entropy_rows.register_autograd(_backward, setup_context=_setup_context)
@@ -162,5 +163,5 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> to
     rows = logits.reshape(-1, width)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    loss, _ = cross_entropy_rows(rows, targets.reshape(-1), vocab)
+    loss, _ = cross_entropy_rows(rows, targets.reshape(-1).contiguous(), vocab)
     return loss.mean()
