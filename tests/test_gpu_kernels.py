@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from gptkit import distributed
 from gptkit.config import GPTConfig
 from gptkit.model import GPT
-from gptkit.train import VOCAB_MULTIPLE, batch_loss, lm_loss, padded_logits, padded_unembedding
+from gptkit.train import VOCAB_MULTIPLE, batch_loss, lm_loss, padded_unembedding
 
 pytest.importorskip("triton")
 
@@ -117,25 +117,28 @@ def test_the_padded_unembeddings_triton_loss_is_the_models_loss_and_gradients(ke
 
 def test_batch_loss_takes_the_triton_loss_only_where_it_runs():
     model, env = _model(), distributed.DistEnv()
-    with pytest.raises(ValueError, match="CUDA"):
-        batch_loss(model, True, torch.device("cpu"), env, loss_kernel="triton")
+    for compile in (True, False):
+        with pytest.raises(ValueError, match="runs on a CUDA device, not cpu"):
+            batch_loss(model, compile, torch.device("cpu"), env, loss_kernel="triton")
     with pytest.raises(ValueError, match="not 'fused'"):
         batch_loss(model, True, torch.device("cpu"), env, loss_kernel="fused")
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_compiled_triton_loss_equals_inductors_on_the_card(kernels):
-    """Guards `batch_loss(loss_kernel="triton")` as `gptkit train --compile` would run it:
-    inductor compiles the graph with the user kernels in it; under bf16 autocast its loss
-    and gradients are the eager model's within bf16 rounding (a gradient missing its
+@pytest.mark.parametrize("compile", [True, False])
+def test_the_triton_loss_equals_the_eager_loss_on_the_card(kernels, compile):
+    """Guards `batch_loss(loss_kernel="triton")` as `gptkit train [--compile]` would run
+    it: compiled, inductor builds the graph with the user kernels in it (over the padded
+    logits); eager, the kernels take the model's bf16 logits. Under bf16 autocast the loss
+    and gradients are the eager `lm_loss`'s within bf16 rounding (a gradient missing its
     one-hot or its scale would be off by its whole size)."""
     model, env = _model(), distributed.DistEnv()
     tokens = torch.randint(0, 203, (3, 9), device=DEVICE)
     x, y = tokens[:, :-1], tokens[:, 1:]
     results = []
     for loss_of in (
-        lambda x, y: lm_loss(padded_logits(model, x, 1), y),
-        batch_loss(model, True, DEVICE, env, loss_kernel="triton"),
+        lambda x, y: lm_loss(model(x), y),
+        batch_loss(model, compile, DEVICE, env, loss_kernel="triton"),
     ):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = loss_of(x, y)
@@ -144,7 +147,7 @@ def test_compiled_triton_loss_equals_inductors_on_the_card(kernels):
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
     for name, g in want_grads.items():  # bf16 rounds each element: compare whole tensors
         error = (got_grads[name] - g).norm() / g.norm()
-        assert error < 2e-2, f"{name}: relative error {error:.3g}"
+        assert error < 5e-2, f"{name}: relative error {error:.3g}"
 
 
 # Compiles gptkit.gpu_kernels' kernels for sm_90 and prints their PTX as JSON; run in a

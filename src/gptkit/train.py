@@ -186,26 +186,33 @@ def batch_loss(
     faster, its peak memory 44 GB instead of 63; on the 2-core dev CPU a 4-layer width-128
     model stepped 1.45x faster with gpt2's 50,257 tokens, 1.04x with 65 characters
     (benchmarks/RESULTS.md, session 12). Its unembedding runs over the vocabulary padded
-    to `vocab_multiple` (`padded_logits`; 1 pads nothing). `loss_kernel="triton"` (CUDA
-    only) computes that graph's cross-entropy with `gpu_kernels.cross_entropy` instead of
-    inductor's code, over the padded logits as they are.
+    to `vocab_multiple` (`padded_logits`; 1 pads nothing).
     Under torchrun the module itself is compiled, as DDP and FSDP expect.
+
+    `loss_kernel="triton"` (CUDA only) computes the cross-entropy with gptkit.gpu_kernels'
+    kernels instead: inside the compiled graph over the padded logits as they are, and
+    eagerly (without --compile, under torchrun) over bf16 logits without the fp32 copy
+    `lm_loss` makes of them.
     """
     if loss_kernel not in ("inductor", "triton"):
         raise ValueError(f"loss_kernel is 'inductor' or 'triton', not {loss_kernel!r}")
-    if loss_kernel == "triton" and not (compile and device.type == "cuda" and not env.enabled):
-        raise ValueError("the Triton loss runs in one compiled process on a CUDA device")
+    loss_of = lm_loss
+    if loss_kernel == "triton":
+        if device.type != "cuda":
+            raise ValueError(f"the Triton loss runs on a CUDA device, not {device.type}")
+        from gptkit.gpu_kernels import cross_entropy
+
+        def loss_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return cross_entropy(logits, y, logits.shape[-1])
+
     if not compile:
-        return lambda x, y: lm_loss(forward(x), y)
+        return lambda x, y: loss_of(forward(x), y)
     options = compile_options(device, env)
     if env.enabled:
         compiled = torch.compile(forward, options=options)
-        return lambda x, y: lm_loss(compiled(x), y)
+        return lambda x, y: loss_of(compiled(x), y)
     if not isinstance(forward, GPT):
         raise TypeError(f"one process trains a GPT itself, got {type(forward).__name__}")
-
-    if loss_kernel == "triton":
-        from gptkit.gpu_kernels import cross_entropy
 
     def model_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if loss_kernel == "triton":  # over the padded logits as they are
