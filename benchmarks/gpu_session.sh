@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# What a session with a lent GPU runs, as one command (~8-10 minutes on an H200):
+# What a session with a lent GPU runs (~10-12 minutes on an H200 in all), in two parts so
+# that each stays under the device tool's 10 minutes a command; issue the second within
+# the machine's idle window (~30 s) so that it runs on the same warm machine:
 #
-#   bash benchmarks/gpu_session.sh 2>&1 | tee "$OUT/log.txt"     # device tool, carry .devdeps
-#   TINY=1 PY=.venv/bin/python bash benchmarks/gpu_session.sh     # a dry run on this CPU
+#   PART=1 bash benchmarks/gpu_session.sh 2>&1 | tee "$OUT/log1.txt"   # carry .devdeps
+#   PART=2 bash benchmarks/gpu_session.sh 2>&1 | tee "$OUT/log2.txt"
+#   TINY=1 PY=.venv/bin/python bash benchmarks/gpu_session.sh          # a dry run on this CPU
 #
-# In order of what matters most, so that a run cut short still reports the first ones:
-# 1. the CUDA tests of CUDA-graph decoding and of the Triton cross-entropy (when pytest is
-# there), 2. `cross_entropy.py`: the loss alone, inductor's against gpu_kernels' (seconds),
-# 3. `gpu_train.py` as committed (vocabulary padded to 64, 3 steps profiled by kind of
-# kernel; decoding eager and CUDA-graphed, their tokens compared), 4. the same training
-# with `--loss-kernel triton`, 5. with inductor's coordinate-descent tuning, 6. with the
-# unpadded vocabulary; each in a process of its own: the A/B figures for
-# benchmarks/RESULTS.md. JSON results go to $OUT (default /tmp/gpu_session).
+# In order of what matters most, so that a run cut short still reports the first ones.
+# Part 1: the CUDA tests of CUDA-graph decoding and of the Triton cross-entropy (when
+# pytest is there), `cross_entropy.py` (the loss alone, inductor's against gpu_kernels',
+# seconds), `gpu_train.py` as committed (vocabulary padded to 64, 3 steps profiled by kind
+# of kernel; decoding eager and CUDA-graphed, their tokens compared), and the same training
+# with `--loss-kernel triton`. Part 2: with inductor's coordinate-descent tuning, and with
+# the unpadded vocabulary. Each training in a process of its own: the A/B figures for
+# benchmarks/RESULTS.md. No PART: both. JSON results go to $OUT (default /tmp/gpu_session).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -28,19 +31,25 @@ run() { echo "=== $* ($(date -u +%H:%M:%S))"; "$@" || { status=1; echo "=== FAIL
 
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv
 "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__)"
-if "$PY" -c "import pytest, hypothesis" 2>/dev/null; then
-    run "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py \
-        tests/test_generate.py -k "gpu_kernels or graph_decoder or picks"
+PART=${PART:-12}
+if [[ $PART == *1* ]]; then
+    if "$PY" -c "import pytest, hypothesis" 2>/dev/null; then
+        run "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py \
+            tests/test_generate.py -k "gpu_kernels or graph_decoder or picks"
+    fi
+    run "$PY" benchmarks/cross_entropy.py ${TINY:+--tiny} --json "$OUT/cross_entropy.json"
+    run "$PY" benchmarks/gpu_train.py "${ARGS[@]}" --profile-steps 3 \
+        --json "$OUT/train_pad64.json"
+    if [ -z "${TINY:-}" ]; then  # the Triton loss runs on a GPU only
+        run "$PY" benchmarks/gpu_train.py --loss-kernel triton --profile-steps 3 \
+            --decode-batches "" --json "$OUT/train_pad64_triton.json"
+    fi
 fi
-run "$PY" benchmarks/cross_entropy.py ${TINY:+--tiny} --json "$OUT/cross_entropy.json"
-run "$PY" benchmarks/gpu_train.py "${ARGS[@]}" --profile-steps 3 --json "$OUT/train_pad64.json"
-if [ -z "${TINY:-}" ]; then  # the Triton loss runs on a GPU only
-    run "$PY" benchmarks/gpu_train.py --loss-kernel triton --profile-steps 3 \
-        --decode-batches "" --json "$OUT/train_pad64_triton.json"
+if [[ $PART == *2* ]]; then
+    run "$PY" benchmarks/gpu_train.py "${ARGS[@]}" --coordinate-descent --decode-batches "" \
+        --json "$OUT/train_pad64_cdt.json"
+    run "$PY" benchmarks/gpu_train.py "${ARGS[@]}" --vocab-multiple 1 --decode-batches "" \
+        --json "$OUT/train_pad1.json"
 fi
-run "$PY" benchmarks/gpu_train.py "${ARGS[@]}" --coordinate-descent --decode-batches "" \
-    --json "$OUT/train_pad64_cdt.json"
-run "$PY" benchmarks/gpu_train.py "${ARGS[@]}" --vocab-multiple 1 --decode-batches "" \
-    --json "$OUT/train_pad1.json"
 echo "=== done ($(date -u +%H:%M:%S)), status $status"
 exit $status
