@@ -12,8 +12,8 @@
 # pytest is there), `cross_entropy.py` (the loss alone, inductor's against gpu_kernels',
 # seconds), `gpu_train.py` as committed (vocabulary padded to 64, 3 steps profiled by kind
 # of kernel; decoding eager and CUDA-graphed, their tokens compared), and the same training
-# with `--loss-kernel triton`. Part 2: with inductor's coordinate-descent tuning, and with
-# the unpadded vocabulary. Each training in a process of its own: the A/B figures for
+# with `--loss-kernel triton`. Part 2: the Triton loss with inductor's coordinate-descent
+# tuning (of its other kernels: layer norms, activations), and the unpadded vocabulary. Each training in a process of its own: the A/B figures for
 # benchmarks/RESULTS.md. No PART: both. JSON results go to $OUT (default /tmp/gpu_session).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,8 +46,10 @@ if [[ $PART == *1* ]]; then
     fi
 fi
 if [[ $PART == *2* ]]; then
-    run "$PY" benchmarks/gpu_train.py "${ARGS[@]}" --coordinate-descent --decode-batches "" \
-        --json "$OUT/train_pad64_cdt.json"
+    LOSS=(--loss-kernel triton)
+    if [ -n "${TINY:-}" ]; then LOSS=(); fi
+    run "$PY" benchmarks/gpu_train.py "${ARGS[@]}" "${LOSS[@]}" --coordinate-descent \
+        --decode-batches "" --json "$OUT/train_pad64_triton_cdt.json"
     run "$PY" benchmarks/gpu_train.py "${ARGS[@]}" --vocab-multiple 1 --decode-batches "" \
         --json "$OUT/train_pad1.json"
 fi
