@@ -13,9 +13,10 @@ two kernels, one program per row of logits:
   the logits' dtype, zeros in the padded columns.
 
 So the logits are read twice and their gradient written once, the least a loss over
-materialized logits can do. Rows may be wider than the vocabulary: `train.padded_logits`'
-product over a vocabulary padded to a multiple of 64 is passed whole, with `vocab` the
-real width, so neither the slice nor its gradient's zero padding is a copy.
+materialized logits can do. Rows may be wider than the vocabulary: the product of
+`train.padded_unembedding`, over a vocabulary padded to a multiple of 64, is passed
+whole with `vocab` the real width, so neither the slice nor its gradient's zero padding
+is a copy.
 
 The ops are `torch.library.triton_op`s, so torch.compile puts the kernels in its graph
 (no graph break) and autograd knows their backward. Where there is no GPU, Triton's
@@ -139,6 +140,7 @@ def cross_entropy_rows_backward(
 def _setup_context(ctx, inputs, output) -> None:
     logits, targets, vocab = inputs
     ctx.save_for_backward(logits, targets, output[1])
+    ctx.mark_non_differentiable(output[1])  # the log-sum-exp is kept for the backward only
     ctx.vocab = vocab
 
 
