@@ -76,6 +76,18 @@ def test_cross_entropy_equals_torchs_loss_and_gradient(kernels, dtype, vocab, wi
     assert grad.abs().max() > 0.1  # the comparison is not of zeros
 
 
+def test_a_target_outside_the_vocabulary_makes_the_loss_nan(kernels):
+    """Guards the target's read: an id past the vocabulary (or negative) gives a NaN loss,
+    which the training loop reports, instead of reading another row or past the buffer."""
+    logits = torch.randn(3, 64, device=DEVICE)
+    for bad in (40, 64, -1):
+        targets = torch.tensor([1, bad, 2], device=DEVICE)
+        assert torch.isnan(kernels.cross_entropy(logits, targets, 40))
+    assert torch.isfinite(
+        kernels.cross_entropy(logits, torch.tensor([1, 39, 2], device=DEVICE), 40)
+    )
+
+
 def test_cross_entropy_rejects_a_vocabulary_wider_than_the_logits(kernels):
     with pytest.raises(ValueError, match="wider"):
         kernels.cross_entropy(torch.zeros(2, 8, device=DEVICE), torch.zeros(2, dtype=int), 9)

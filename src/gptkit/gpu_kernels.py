@@ -63,7 +63,8 @@ def cross_entropy_forward_kernel(
         top = new_top
     lse = top + tl.log(total)
     target = tl.load(targets_ptr + row)
-    target_logit = tl.load(base + target).to(tl.float32)
+    in_range = (target >= 0) & (target < vocab)  # else a NaN loss, not a read out of bounds
+    target_logit = tl.load(base + target, mask=in_range, other=float("nan")).to(tl.float32)
     tl.store(lse_ptr + row, lse)
     tl.store(loss_ptr + row, lse - target_logit)
 
