@@ -26,7 +26,7 @@ from gptkit.checkpoint import load_model, load_train_state
 from gptkit.config import GPTConfig, TrainConfig
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
-from gptkit.train import decay_groups, evaluate_full, lr_at, train
+from gptkit.train import decay_groups, evaluate_full, lr_at, setup, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -167,6 +167,16 @@ def test_padded_logits_are_the_models_logits_and_gradients(tie, multiple):
     assert plain.keys() == padded.keys()
     for name in plain:
         torch.testing.assert_close(padded[name], plain[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp32_training_on_cuda_multiplies_in_tf32(data, tmp_path, monkeypatch):
+    """Guards `setup` on CUDA: --dtype float32 (the default) must not leave the products on
+    the CUDA cores (an H100: ~67 TFLOP/s fp32 against ~495 TF32 dense, datasheet)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    setup(tiny(data, tmp_path / "run", device="cuda"))
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
 
 
 def test_evaluate_full_is_the_token_weighted_mean(data):

@@ -331,6 +331,9 @@ def setup(
         start_run_dir(cfg, run_dir, config)
     if device.type == "cpu":
         malloc.keep_freed_memory()  # each step's activations reuse the last step's pages
+    if device.type == "cuda":  # fp32 products on the tensor cores, as nanoGPT and litgpt train
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     model = build_model(config, cfg.seed, device)
     if state is not None:  # before sharding: FSDP then splits the loaded weights
         ckpt.load_weights(model, state["model"], run_dir / ckpt.TRAIN_STATE_FILE)
