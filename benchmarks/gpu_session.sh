@@ -35,8 +35,8 @@ PART=${PART:-12}
 if [[ $PART == *1* ]]; then
     if "$PY" -c "import pytest, hypothesis" 2>/dev/null; then
         run "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py \
-            tests/test_generate.py tests/test_train.py \
-            -k "gpu_kernels or graph_decoder or picks or tf32"
+            tests/test_generate.py tests/test_train.py tests/test_data.py \
+            -k "gpu_kernels or graph_decoder or picks or tf32 or reach_cuda"
     fi
     run "$PY" benchmarks/cross_entropy.py ${TINY:+--tiny} --json "$OUT/cross_entropy.json"
     run "$PY" benchmarks/gpu_train.py "${ARGS[@]}" --profile-steps 3 \

@@ -345,6 +345,19 @@ def test_sample_batch_shapes_and_shift():
         assert y.is_contiguous()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sample_batches_reach_cuda_unchanged():
+    """Guards the asynchronous copies to the card: every batch, used at once by the next
+    kernels, holds the windows the same generator state gives on the CPU."""
+    tokens = np.random.default_rng(0).integers(0, 50257, 100_000).astype(np.uint32)
+    on_cpu, on_cuda = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for _ in range(20):
+        want = sample_batch(tokens, 16, 256, on_cpu)
+        got = sample_batch(tokens, 16, 256, on_cuda, "cuda")
+        assert all(t.device.type == "cuda" and t.is_contiguous() for t in got)
+        assert all(torch.equal(g.cpu(), w) for g, w in zip(got, want, strict=True))
+
+
 def test_sample_batch_reaches_both_ends():
     """Guards an offset range that never samples the first or the last window."""
     tokens = np.arange(12, dtype=np.uint16)
