@@ -31,7 +31,7 @@ from gptkit.config import GPTConfig
 from gptkit.distributed import DistEnv
 from gptkit.generate import generate
 from gptkit.model import GPT
-from gptkit.plan import GPUS, attention_flops_per_token, matmul_params, memory_per_device
+from gptkit.plan import flops_per_token, gpu_of_device, memory_per_device
 from gptkit.train import VOCAB_MULTIPLE, batch_loss
 
 
@@ -81,13 +81,8 @@ def peak_tflops(device: torch.device, given: float | None) -> tuple[str, float |
     name = torch.cuda.get_device_name(device)
     if given is not None:
         return name, given
-    key = name.lower()
-    for short in ("h200", "h100", "b200", "a100", "l40s", "l4", "mi300x"):
-        if short in key.replace(" ", ""):
-            if short == "h100" and "pcie" in key:
-                short = "h100-pcie"
-            return name, GPUS[short].bf16_tflops
-    return name, None
+    gpu = gpu_of_device(name)
+    return name, None if gpu is None else gpu.bf16_tflops
 
 
 def fill_batch(config: GPTConfig, device: torch.device) -> int:
@@ -166,7 +161,6 @@ def bench_training(
     sync(device)
     seconds = time.perf_counter() - start
     tokens_per_s = batch * T * steps / seconds
-    flops_per_token = 6 * matmul_params(config) + attention_flops_per_token(config)
     kernels = profile(lambda: [step(i) for i in range(profile_steps)], device, profile_steps)
     return {
         "kernels_ms_per_step": kernels,
@@ -176,7 +170,7 @@ def bench_training(
         "warmup_seconds": warm_s,
         "step_ms": 1000 * seconds / steps,
         "tokens_per_s": tokens_per_s,
-        "tflops": flops_per_token * tokens_per_s / 1e12,
+        "tflops": flops_per_token(config) * tokens_per_s / 1e12,
         "final_loss": float(losses[-1]),
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9
         if device.type == "cuda"

@@ -66,8 +66,8 @@ def test_gpu_train_names_the_losss_kernels():
 def test_gpu_peaks_are_known_for_h100_and_h200():
     """Guards the peak lookup the MFU figure divides by."""
     gpu_train = load_script("gpu_train")
-    assert gpu_train.GPUS["h100"].bf16_tflops == pytest.approx(989.4)
-    assert gpu_train.GPUS["h200"].bf16_tflops == pytest.approx(989.4)
+    assert gpu_train.gpu_of_device("NVIDIA H100 80GB HBM3").bf16_tflops == pytest.approx(989.4)
+    assert gpu_train.gpu_of_device("NVIDIA H200").bf16_tflops == pytest.approx(989.4)
 
 
 def test_sampling_benchmark_compares_like_with_like(capsys):

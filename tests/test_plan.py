@@ -11,9 +11,11 @@ from gptkit.config import GPTConfig
 from gptkit.errors import GptkitError
 from gptkit.model import GPT, MLP
 from gptkit.plan import (
+    GPUS,
     activation_bytes,
     block_params,
     estimate,
+    gpu_of_device,
     memory_per_device,
     parse_count,
     training_flops,
@@ -105,6 +107,26 @@ def test_plan_time_and_fit():
     assert p.fits
     big = estimate(GPTConfig.from_preset("gpt3-175b"), gpus=8, gpu="h100", tokens=1e9)
     assert not big.fits
+
+
+@pytest.mark.parametrize(
+    ("device_name", "key"),
+    [
+        ("NVIDIA H100 80GB HBM3", "h100"),
+        ("NVIDIA H100 PCIe", "h100-pcie"),
+        ("NVIDIA H200", "h200"),
+        ("NVIDIA A100-SXM4-40GB", "a100"),
+        ("NVIDIA A100 80GB PCIe", "a100"),
+        ("NVIDIA L40S", "l40s"),
+        ("NVIDIA L4", "l4"),
+        ("AMD Instinct MI300X", "mi300x"),
+        ("NVIDIA L40", None),  # not the L40S: unknown, no MFU rather than a wrong one
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
+def test_gpu_of_device_reads_the_names_cuda_reports(device_name, key):
+    """Guards the peak an MFU figure divides by: each card's own entry, none for others."""
+    assert gpu_of_device(device_name) == (None if key is None else GPUS[key])
 
 
 @pytest.mark.parametrize(

@@ -258,9 +258,29 @@ def test_run_dir_files_and_metrics(data, tmp_path):
     for r in train_lines:
         assert {"step", "train_loss", "lr", "tokens_per_sec", "elapsed"} <= set(r)
         assert r["tokens_per_sec"] > 0
+        assert "mfu" not in r  # a CPU has no known peak
     assert [r["step"] for r in lines if "val_loss" in r] == [5, 10, 12]
     assert load_train_state(run)["step"] == 12
     assert train_losses(run)[-1][1] < math.log(24)  # learned something
+
+
+def test_the_log_reports_mfu_against_a_known_gpus_peak(data, tmp_path, monkeypatch):
+    """Guards the MFU in metrics.jsonl: the model's training FLOPs per token (gptkit.plan)
+    times the logged tokens/s over all the run's GPUs' dense bf16 peak."""
+    assert train_mod.peak_flops(torch.device("cpu"), 1) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert train_mod.peak_flops(torch.device("cuda"), 4) == pytest.approx(4 * 756.5e12)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L40")
+    assert train_mod.peak_flops(torch.device("cuda"), 1) is None  # unknown card: no MFU
+
+    monkeypatch.setattr(train_mod, "peak_flops", lambda device, world: 1e9)  # on this CPU
+    run = train(tiny(data, tmp_path / "run", max_steps=8, log_every=4), progress=False)
+    config = GPTConfig.from_dict(json.loads((run / "config.json").read_text()))
+    per_token = train_mod.plan.flops_per_token(config)
+    train_lines = [r for r in metrics(run) if "train_loss" in r]
+    assert len(train_lines) == 2
+    for r in train_lines:
+        assert r["mfu"] == pytest.approx(per_token * r["tokens_per_sec"] / 1e9)
 
 
 def test_grad_accumulation_matches_a_big_batch(data, tmp_path):

@@ -69,6 +69,16 @@ def gpu_by_name(name: str) -> GPU:
     return GPUS[name]
 
 
+def gpu_of_device(device_name: str) -> GPU | None:
+    """The table's entry for a name as CUDA reports it ("NVIDIA H100 80GB HBM3", "NVIDIA
+    A100-SXM4-40GB"), or None for a card the table does not hold."""
+    words = device_name.lower().replace("-", " ").split()
+    for short in ("h200", "h100", "b200", "a100", "l40s", "l4", "mi300x"):
+        if short in words:
+            return GPUS["h100-pcie" if short == "h100" and "pcie" in words else short]
+    return None
+
+
 # --------------------------------------------------------------------------- FLOPs
 
 
@@ -85,6 +95,11 @@ def matmul_params(config: GPTConfig) -> int:
 def attention_flops_per_token(config: GPTConfig) -> float:
     """Training FLOPs of QK^T and AV per token: 3 x (2 matmuls x 2 L T d), full T x T."""
     return 12 * config.n_layer * config.d_model * config.context_length
+
+
+def flops_per_token(config: GPTConfig) -> float:
+    """Training FLOPs per token, products and attention: what MFU counts."""
+    return 6 * matmul_params(config) + attention_flops_per_token(config)
 
 
 def training_flops(config: GPTConfig, tokens: float) -> tuple[float, float]:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptkit import checkpoint as ckpt
-from gptkit import distributed, malloc, optim
+from gptkit import distributed, malloc, optim, plan
 from gptkit.config import GPTConfig, TrainConfig
 from gptkit.errors import GptkitError
 from gptkit.metrics import METRICS_FILE, MetricsLog, plot_losses
@@ -570,11 +570,22 @@ def _train(
     return run.run_dir
 
 
+def peak_flops(device: torch.device, world_size: int) -> float | None:
+    """Dense bf16 FLOP/s of the run's GPUs together, where gptkit.plan knows the card: the
+    training log's MFU divides by it (the figure benchmarks/gpu_train.py reports)."""
+    if device.type != "cuda":
+        return None
+    gpu = plan.gpu_of_device(torch.cuda.get_device_name(device))
+    return None if gpu is None else gpu.bf16_tflops * 1e12 * world_size
+
+
 def loop(run: Run, metrics: MetricsLog, stop: StopFlag, progress: bool) -> str:
     """Steps until max_steps, max_time or a signal; returns why it stopped."""
     from tqdm import tqdm
 
     cfg = run.cfg
+    peak = peak_flops(run.device, run.dist.world_size)
+    flops = plan.flops_per_token(run.model.config)
     start = time.perf_counter()
     window_start, window_tokens = start, 0
     bar = tqdm(
@@ -603,17 +614,20 @@ def loop(run: Run, metrics: MetricsLog, stop: StopFlag, progress: bool) -> str:
             if run.step % cfg.log_every == 0 or done:
                 loss = flush_losses(run)[-1]
                 speed = window_tokens / max(now - window_start, 1e-9)
-                metrics.write(
-                    {
-                        "step": run.step,
-                        "train_loss": loss,
-                        "lr": lr,
-                        "tokens_per_sec": speed,
-                        "elapsed": elapsed,
-                        "tokens": run.tokens_seen,
-                    }
-                )
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{speed:,.0f}", refresh=False)
+                record = {
+                    "step": run.step,
+                    "train_loss": loss,
+                    "lr": lr,
+                    "tokens_per_sec": speed,
+                    "elapsed": elapsed,
+                    "tokens": run.tokens_seen,
+                }
+                shown = {"loss": f"{loss:.4f}", "tok_s": f"{speed:,.0f}"}
+                if peak is not None:
+                    record["mfu"] = flops * speed / peak
+                    shown["mfu"] = f"{record['mfu']:.1%}"
+                metrics.write(record)
+                bar.set_postfix(shown, refresh=False)
                 window_start, window_tokens = time.perf_counter(), 0
             # 3. evaluate on the validation split
             if cfg.eval_every and (run.step % cfg.eval_every == 0 or done):
