@@ -223,10 +223,10 @@ import torch, triton
 import torch._functorch.config
 from torch._dynamo.backends.common import aot_autograd
 from triton.backends.compiler import GPUTarget
-from gptkit import gpu_kernels
 from gptkit.config import GPTConfig
+from gptkit.distributed import DistEnv
 from gptkit.model import GPT
-from gptkit.train import padded_unembedding
+from gptkit.train import batch_loss
 
 class Hopper:  # all torch asks of Triton's driver while tracing
     def get_current_target(self):
@@ -240,16 +240,15 @@ def capture(gm, example_inputs):
     graphs.append(gm.code)
     return gm.forward
 
-config = GPTConfig.from_preset("gpt2", vocab_size=203, n_layer=1, n_head=2, d_model=16)
-model = GPT(config)
-
-def loss(x, y):
-    return gpu_kernels.cross_entropy(padded_unembedding(model, x, 64), y, 203)
-
+# batch_loss as `gptkit train --compile` builds it on a card, its graphs captured, not run
 backend = aot_autograd(fw_compiler=capture, bw_compiler=capture)
+real_compile = torch.compile
+torch.compile = lambda fn, options: real_compile(fn, backend=backend, fullgraph=True)
+config = GPTConfig.from_preset("gpt2", vocab_size=203, n_layer=1, n_head=2, d_model=16)
+loss = batch_loss(GPT(config), True, torch.device("cuda"), DistEnv(), loss_kernel="triton")
 tokens = torch.randint(0, 203, (3, 9))
 try:
-    torch.compile(loss, backend=backend, fullgraph=True)(tokens[:, :-1], tokens[:, 1:])
+    loss(tokens[:, :-1], tokens[:, 1:])
 except AttributeError:  # the forward launching its kernel on the stand-in target
     pass
 print("\\n=====\\n".join(graphs))
@@ -258,9 +257,10 @@ print("\\n=====\\n".join(graphs))
 
 @pytest.mark.skipif(CUDA, reason="the card compiles and runs them in the tests above")
 def test_torch_compile_traces_the_loss_and_its_backward_into_one_graph_each():
-    """Guards the ops as torch.compile sees them: one graph each way (fullgraph, no break),
-    the forward kernel's loss and log-sum-exp outputs in the forward, the backward kernel
-    writing the gradient in the backward, no other cross-entropy."""
+    """Guards the ops as torch.compile sees them in `batch_loss(loss_kernel="triton")`:
+    one graph each way (fullgraph, no break), the forward kernel's loss and log-sum-exp
+    outputs in the forward, the backward kernel writing the gradient in the backward, no
+    other cross-entropy."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
         [sys.executable, "-c", _TRACE], env=env, capture_output=True, text=True, timeout=300
