@@ -463,3 +463,78 @@ def test_compiled_model_looks_embeddings_up_through_the_kernel(monkeypatch):
     model.wte.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     torch.compile(model)(idx)
     assert calls == [16] and seen == [(2, 16, 32)]
+
+
+@pytest.mark.parametrize("isa", list(kernels.ISA_FLAGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_matches_float64_reference(isa, dtype):
+    """Guards csrc/cross_entropy.cpp: each row's log-sum-exp (its maximum in the vectors or
+    in the tail past the last whole vector), the target's logit (first and last class), and
+    the backward's softmax minus one-hot times each row's upstream gradient, written in the
+    logits' dtype; bf16 rows widened exactly; the same bits for 1 and 2 threads."""
+    if isa not in kernels.runnable_isas():
+        pytest.skip(f"this CPU cannot run the {isa} build")
+    ops = kernels.library(isa)
+    for V in (5, 37, 50257):  # less than a vector; vectors and a tail; gpt2's vocabulary
+        logits = (torch.randn(6, V, dtype=torch.float64) * 30).to(dtype)
+        logits[0, -1] = 200.0  # a row whose maximum sits in the tail
+        targets = torch.randint(0, V, (6,))
+        targets[1], targets[2] = 0, V - 1
+        upstream = torch.randn(6)
+        exact = logits.double().requires_grad_()
+        loss = torch.logsumexp(exact, 1) - exact[torch.arange(6), targets]
+        (loss * upstream.double()).sum().backward()
+
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)  # the autouse fixture restores it
+            rows, lse = ops.cross_entropy_forward(logits, targets)
+            dlogits = ops.cross_entropy_backward(upstream, logits, targets, lse)
+            results.append((rows, lse, dlogits))
+        rows, lse, dlogits = results[0]
+        assert all(torch.equal(a, b) for a, b in zip(results[0], results[1], strict=True))
+        assert rows.dtype == lse.dtype == torch.float32 and dlogits.dtype == dtype
+        torch.testing.assert_close(
+            lse.double(), torch.logsumexp(exact.detach(), 1), rtol=1e-6, atol=1e-5
+        )
+        torch.testing.assert_close(rows.double(), loss.detach(), rtol=1e-6, atol=1e-4)
+        want = exact.grad.to(dtype).double()  # the exact gradient, rounded as stored
+        tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-8)
+        torch.testing.assert_close(dlogits.double(), want, **tol)
+
+
+def test_cross_entropy_refuses_a_target_out_of_range():
+    ops = kernels.library()
+    with pytest.raises(RuntimeError, match="out of range for 8 classes"):
+        ops.cross_entropy_forward(torch.randn(2, 8), torch.tensor([1, 8]))
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        ops.cross_entropy_forward(torch.randn(2, 8, dtype=torch.float64), torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lm_loss_takes_the_kernel_eagerly_and_matches_atens(monkeypatch, dtype):
+    """Guards train.lm_loss's routing: eagerly on a CPU through kernels.cross_entropy, with
+    F.cross_entropy's loss and gradient (mean over every row of a (B, T, V) batch);
+    under torch.compile, and with the kernels off, through ATen."""
+    from gptkit.train import lm_loss
+
+    calls: list[torch.dtype] = []
+    real = kernels.cross_entropy
+    monkeypatch.setattr(kernels, "cross_entropy", lambda x, t: calls.append(x.dtype) or real(x, t))
+    logits = (torch.randn(3, 5, 101) * 4).to(dtype)
+    targets = torch.randint(0, 101, (3, 5))
+    got_in, want_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    got = lm_loss(got_in, targets)
+    assert calls == [dtype]
+    want = F.cross_entropy(want_in.float().reshape(-1, 101), targets.reshape(-1))
+    (got * 2).backward()
+    (want * 2).backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-6)
+    torch.testing.assert_close(got_in.grad, want_in.grad, **tol)
+
+    calls.clear()
+    torch.compile(lm_loss)(logits, targets)  # inductor's fused loss, not the op
+    monkeypatch.setattr(kernels, "training_namespace", lambda: None)
+    lm_loss(logits, targets)
+    assert calls == []

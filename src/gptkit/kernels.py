@@ -22,14 +22,16 @@ holds two ops:
     >>> op = gemv_op()                       # None where the kernels cannot be built
     >>> y = op(x, w_int8, scale, bias)       # x (M, K) fp32, w (N, K) -> (M, N) fp32
 
-Three more serve training on a CPU, forward and backward, with autograd registered:
+Four more serve training on a CPU, forward and backward, with autograd registered:
 `csrc/attention.cpp` is causal self-attention (`causal_attention`: q, k, v read in place
 from the fused projection, no transposes; forward + backward 1.4-1.5x ATen's flash kernel
 for the short sequences of a CPU-sized model), `csrc/activation.cpp` the feed-forward's
 activation with the bias of the product before it (`bias_gelu`, GPT-2's GELU, and
 `bias_leaky_relu`, the spec's leaky ReLU: one pass each way, the bias gradient included),
 `csrc/embedding.cpp` the embedding lookup (`embedding`: a backward pass without the atomic
-adds inductor would write).
+adds inductor would write), `csrc/cross_entropy.cpp` the loss over the logits
+(`cross_entropy`: float32 or bf16 logits read in place, one task per row, the gradient in
+the logits' dtype; `train.lm_loss` takes it eagerly).
 
 The sources are compiled once per machine with torch.utils.cpp_extension (g++, ninja and
 the Python headers; about 15 s) for the CPU's vector ISA, AVX-512 (with VNNI where the
@@ -56,7 +58,13 @@ import torch
 
 SOURCES = [
     Path(__file__).parent / "csrc" / name
-    for name in ("decode.cpp", "attention.cpp", "activation.cpp", "embedding.cpp")
+    for name in (
+        "decode.cpp",
+        "attention.cpp",
+        "activation.cpp",
+        "embedding.cpp",
+        "cross_entropy.cpp",
+    )
 ]
 # Compiler flags per ATen CPU capability (`torch.backends.cpu.get_cpu_capability()`).
 # CPU_CAPABILITY picks the matching implementation of ATen's Vectorized<float> headers.
@@ -218,8 +226,8 @@ def build_directory(name: str) -> Path:
 @torch.compiler.assume_constant_result
 def training_namespace() -> str | None:
     """The op namespace of this CPU's build, its training ops (attention, bias + activation,
-    embedding) registered with autograd, or None where the kernels are unavailable. A constant to
-    torch.compile, which then calls the ops inside its graph."""
+    embedding, cross-entropy) registered with autograd, or None where the kernels are
+    unavailable. A constant to torch.compile, which then calls the ops inside its graph."""
     return _training_namespace()
 
 
@@ -232,6 +240,7 @@ def _training_namespace() -> str | None:
     _register_bias_gelu(ops.name)
     _register_bias_leaky_relu(ops.name)
     _register_embedding(ops.name)
+    _register_cross_entropy(ops.name)
     return ops.name
 
 
@@ -265,6 +274,14 @@ def embedding(weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     into the table with plain vector adds, where inductor's own would use atomics
     (csrc/embedding.cpp says why)."""
     return _training_ops().embedding_forward(weight, idx)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits (N, V) float32 or bfloat16 on the CPU against targets
+    (N,) int64, in fp32, differentiable in the logits: `F.cross_entropy(logits.float(),
+    targets)` without the fp32 copy and the log-softmax written out between (its gradient
+    comes in the logits' dtype; csrc/cross_entropy.cpp)."""
+    return _training_ops().cross_entropy_forward(logits, targets)[0].mean()
 
 
 def _training_ops() -> Any:
@@ -369,5 +386,31 @@ def _register_embedding(ns: str) -> None:
         (idx,) = ctx.saved_tensors
         op = getattr(torch.ops, ns).embedding_backward
         return op(dy.contiguous(), idx, ctx.num_rows), None
+
+    torch.library.register_autograd(forward, grad, setup_context=setup_context)
+
+
+def _register_cross_entropy(ns: str) -> None:
+    """Shapes for torch.compile's tracing and the backward pass of cross_entropy_forward."""
+    forward, backward = f"{ns}::cross_entropy_forward", f"{ns}::cross_entropy_backward"
+
+    @torch.library.register_fake(forward)
+    def _(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = logits.new_empty(logits.shape[0], dtype=torch.float32)
+        return rows, torch.empty_like(rows)
+
+    @torch.library.register_fake(backward)
+    def _(grad: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor):
+        return torch.empty_like(logits)
+
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+        logits, targets = inputs
+        ctx.save_for_backward(logits, targets, output[1])
+        ctx.mark_non_differentiable(output[1])  # the log-sum-exp is for the backward only
+
+    def grad(ctx: Any, dloss: torch.Tensor, dlse: torch.Tensor | None) -> tuple[Any, None]:
+        logits, targets, lse = ctx.saved_tensors
+        op = getattr(torch.ops, ns).cross_entropy_backward
+        return op(dloss.contiguous(), logits, targets, lse), None
 
     torch.library.register_autograd(forward, grad, setup_context=setup_context)

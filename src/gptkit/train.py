@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptkit import checkpoint as ckpt
-from gptkit import distributed, malloc, optim, plan
+from gptkit import distributed, kernels, malloc, optim, plan
 from gptkit.config import GPTConfig, TrainConfig
 from gptkit.errors import GptkitError
 from gptkit.metrics import METRICS_FILE, MetricsLog, plot_losses
@@ -139,8 +139,22 @@ def compile_options(device: torch.device, env: distributed.DistEnv) -> dict[str,
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy: logits (B, T, V), targets (B, T) -> scalar, in fp32."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+    """Mean next-token cross-entropy: logits (B, T, V), targets (B, T) -> scalar, in fp32.
+
+    Eagerly on a CPU through the native kernel (`kernels.cross_entropy`): no fp32 copy of
+    bf16 logits, no log-softmax written out and read back. Over gpt2's 50,257 classes,
+    1,024 rows, forward + backward on the dev CPU: 140.6 ms against 269.9 (fp32), 93.2
+    against 334.5 (bf16; session 14). torch.compile keeps inductor's fused loss.
+    """
+    flat, flat_targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
+    if (
+        flat.device.type == "cpu"
+        and flat.dtype in (torch.float32, torch.bfloat16)
+        and not torch.compiler.is_compiling()
+        and kernels.training_namespace() is not None
+    ):
+        return kernels.cross_entropy(flat, flat_targets)
+    return F.cross_entropy(flat.float(), flat_targets)
 
 
 # The vocabulary the compiled loss's unembedding multiplies by: rounded up to this.
