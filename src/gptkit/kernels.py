@@ -93,6 +93,11 @@ Gemv = Callable[
 # Attention's head width must be a whole number of vectors (16 floats for AVX-512, 8 for
 # AVX2); 16 serves both.
 ATTENTION_HEAD_MULTIPLE = 16
+# The fewest classes `train.lm_loss` takes `cross_entropy` for: the custom op and its
+# Python autograd cost ~50 us a call, which small vocabularies do not earn back (768 rows,
+# forward + backward on the dev CPU: 65 classes 154 us against ATen's 98; 256 classes 304
+# against 363; 1,024: 862 against 1,873).
+CROSS_ENTROPY_MIN_CLASSES = 256
 # The longest sequence routed to `causal_attention`: each thread keeps two T x T score
 # buffers, and past this ATen's flash kernel, which streams key blocks, is as fast.
 ATTENTION_MAX_T = 256
