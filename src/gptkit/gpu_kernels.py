@@ -102,12 +102,12 @@ def cross_entropy_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss per row, log-sum-exp per row), both fp32 (N,), of logits (N, W >= vocab) whose
     first `vocab` columns are the classes; targets (N,) in [0, vocab)."""
-    rows = logits.shape[0]
+    rows, width = logits.shape
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
     wrap_triton(cross_entropy_forward_kernel)[(rows,)](
-        logits, targets, loss, lse, logits.stride(0), vocab, logits.shape[1],
-        BLOCK=BLOCK, num_warps=NUM_WARPS,
+        logits, targets, loss, lse, logits.stride(0), vocab, width,
+        BLOCK=_block(width), num_warps=NUM_WARPS,
     )  # fmt: skip
     return loss, lse
 
@@ -132,10 +132,16 @@ def cross_entropy_rows_backward(
         logits.stride(0),
         vocab,
         width,
-        BLOCK=BLOCK,
+        BLOCK=_block(width),
         num_warps=NUM_WARPS,
     )
     return grad
+
+
+def _block(width: int) -> int:
+    """BLOCK, or the row's width rounded up to a power of two where that is less (a
+    character vocabulary's 65 columns need 128 lanes, not 4,096)."""
+    return min(BLOCK, triton.next_power_of_2(width))
 
 
 def _setup_context(ctx, inputs, output) -> None:
