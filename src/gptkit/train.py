@@ -205,8 +205,10 @@ def batch_loss(
     to `vocab_multiple` (`padded_logits`; 1 pads nothing).
     Under torchrun the module itself is compiled, as DDP and FSDP expect, and the loss in
     a graph of its own: it reads the logits once, without the fp32 copy and the separate
-    log-softmax `lm_loss` makes eagerly (a compiled 4-layer width-128 step over gpt2's
-    vocabulary on the dev CPU: 1.15-1.19x in fp32, 1.83x under bf16 autocast; session 14).
+    log-softmax ATen's eager loss makes (a compiled 4-layer width-128 step over gpt2's
+    vocabulary on the dev CPU: 1.15-1.19x in fp32, 1.83x under bf16 autocast, session 14;
+    on a CPU the eager `lm_loss` has since taken the native kernel and does as well, so
+    the gain is the GPU's, where eager means ATen's).
 
     `loss_kernel="triton"` (CUDA only) computes the cross-entropy with gptkit.gpu_kernels'
     kernels instead: inside the compiled graph over the padded logits as they are, and
