@@ -513,14 +513,15 @@ def test_cross_entropy_refuses_a_target_out_of_range():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lm_loss_takes_the_kernel_eagerly_and_matches_atens(monkeypatch, dtype):
-    """Guards train.lm_loss's routing: eagerly on a CPU through kernels.cross_entropy, with
+    """Guards train.lm_loss's routing: eagerly on a CPU through kernels.cross_entropy_rows, with
     F.cross_entropy's loss and gradient (mean over every row of a (B, T, V) batch); for
     a small vocabulary, under torch.compile, and with the kernels off, through ATen."""
     from gptkit.train import lm_loss
 
     calls: list[torch.dtype] = []
-    real = kernels.cross_entropy
-    monkeypatch.setattr(kernels, "cross_entropy", lambda x, t: calls.append(x.dtype) or real(x, t))
+    real = kernels.cross_entropy_rows
+    spy = lambda x, t: calls.append(x.dtype) or real(x, t)  # noqa: E731
+    monkeypatch.setattr(kernels, "cross_entropy_rows", spy)
     V = kernels.CROSS_ENTROPY_MIN_CLASSES + 45
     logits = (torch.randn(3, 5, V) * 4).to(dtype)
     targets = torch.randint(0, V, (3, 5))

@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from gptkit.errors import GptkitError
+from gptkit.train import token_losses
 
 if TYPE_CHECKING:
     from gptkit.model import GPT
@@ -119,9 +119,9 @@ def sequence_nll(
         h = model.hidden_states(x)  # (B, L, C)
         # Position t predicts token t + 1; a window scores targets [first, L) of its own.
         # Every window but the first and the last scores the same count, so a group shares it.
-        logits = model.lm_head(h[:, first - 1 : L - 1]).float()  # (B, L - first, V)
+        logits = model.lm_head(h[:, first - 1 : L - 1])  # (B, L - first, V)
         targets = x[:, first:]  # (B, L - first)
-        nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+        nll += token_losses(logits.flatten(0, 1), targets.flatten()).double().sum().item()
         scored += targets.numel()
     return nll, scored
 

@@ -30,8 +30,8 @@ activation with the bias of the product before it (`bias_gelu`, GPT-2's GELU, an
 `bias_leaky_relu`, the spec's leaky ReLU: one pass each way, the bias gradient included),
 `csrc/embedding.cpp` the embedding lookup (`embedding`: a backward pass without the atomic
 adds inductor would write), `csrc/cross_entropy.cpp` the loss over the logits
-(`cross_entropy`: float32 or bf16 logits read in place, one task per row, the gradient in
-the logits' dtype; `train.lm_loss` takes it eagerly).
+(`cross_entropy_rows`: float32 or bf16 logits read in place, one task per row, the
+gradient in the logits' dtype; `train.token_losses` takes it eagerly).
 
 The sources are compiled once per machine with torch.utils.cpp_extension (g++, ninja and
 the Python headers; about 15 s) for the CPU's vector ISA, AVX-512 (with VNNI where the
@@ -93,7 +93,7 @@ Gemv = Callable[
 # Attention's head width must be a whole number of vectors (16 floats for AVX-512, 8 for
 # AVX2); 16 serves both.
 ATTENTION_HEAD_MULTIPLE = 16
-# The fewest classes `train.lm_loss` takes `cross_entropy` for: the custom op and its
+# The fewest classes `train.token_losses` takes `cross_entropy_rows` for: the custom op and its
 # Python autograd cost ~50 us a call, which small vocabularies do not earn back (768 rows,
 # forward + backward on the dev CPU: 65 classes 154 us against ATen's 98; 256 classes 304
 # against 363; 1,024: 862 against 1,873).
@@ -281,12 +281,12 @@ def embedding(weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return _training_ops().embedding_forward(weight, idx)
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of logits (N, V) float32 or bfloat16 on the CPU against targets
-    (N,) int64, in fp32, differentiable in the logits: `F.cross_entropy(logits.float(),
-    targets)` without the fp32 copy and the log-softmax written out between (its gradient
-    comes in the logits' dtype; csrc/cross_entropy.cpp)."""
-    return _training_ops().cross_entropy_forward(logits, targets)[0].mean()
+def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each row's cross-entropy (N,) fp32 of logits (N, V) float32 or bfloat16 on the CPU
+    against targets (N,) int64, differentiable in the logits: `F.cross_entropy(logits
+    .float(), targets, reduction="none")` without the fp32 copy and the log-softmax written
+    out between (its gradient comes in the logits' dtype; csrc/cross_entropy.cpp)."""
+    return _training_ops().cross_entropy_forward(logits, targets)[0]
 
 
 def _training_ops() -> Any:

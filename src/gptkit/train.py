@@ -139,24 +139,29 @@ def compile_options(device: torch.device, env: distributed.DistEnv) -> dict[str,
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy: logits (B, T, V), targets (B, T) -> scalar, in fp32.
+    """Mean next-token cross-entropy: logits (B, T, V), targets (B, T) -> scalar, in fp32."""
+    return token_losses(logits.reshape(-1, logits.size(-1)), targets.reshape(-1)).mean()
+
+
+def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each row's cross-entropy, fp32 (N,), of logits (N, V) against targets (N,).
 
     Eagerly on a CPU, over a vocabulary of `kernels.CROSS_ENTROPY_MIN_CLASSES` or more,
-    through the native kernel (`kernels.cross_entropy`): no fp32 copy of bf16 logits, no
-    log-softmax written out and read back. Over gpt2's 50,257 classes,
-    1,024 rows, forward + backward on the dev CPU: 140.6 ms against 269.9 (fp32), 93.2
-    against 334.5 (bf16; session 14). torch.compile keeps inductor's fused loss.
+    through the native kernel (`kernels.cross_entropy_rows`): no fp32 copy of bf16 logits,
+    no log-softmax written out and read back. Over gpt2's 50,257 classes, 1,024 rows,
+    forward + backward on the dev CPU: 140.6 ms against 269.9 (fp32), 93.2 against 334.5
+    (bf16); forward alone 12.3 against 89.8 (session 14). torch.compile keeps inductor's
+    fused loss.
     """
-    flat, flat_targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
     if (
-        flat.device.type == "cpu"
-        and flat.dtype in (torch.float32, torch.bfloat16)
-        and flat.shape[-1] >= kernels.CROSS_ENTROPY_MIN_CLASSES
+        logits.device.type == "cpu"
+        and logits.dtype in (torch.float32, torch.bfloat16)
+        and logits.shape[-1] >= kernels.CROSS_ENTROPY_MIN_CLASSES
         and not torch.compiler.is_compiling()
         and kernels.training_namespace() is not None
     ):
-        return kernels.cross_entropy(flat, flat_targets)
-    return F.cross_entropy(flat.float(), flat_targets)
+        return kernels.cross_entropy_rows(logits, targets)
+    return F.cross_entropy(logits.float(), targets, reduction="none")
 
 
 # The vocabulary the compiled loss's unembedding multiplies by: rounded up to this.
