@@ -453,10 +453,11 @@ def _split_xy(windows: np.ndarray, device: str | torch.device) -> tuple[torch.Te
     buf = torch.from_numpy(windows.astype(np.int64))  # (B, T+1)
     # Contiguous, so that callers may .view(-1) the targets for the loss.
     x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()  # (B, T) each
-    if torch.device(device).type == "cuda":
+    kind = torch.device(device).type
+    if kind == "cuda":
         # From pinned memory the copies are asynchronous: the host goes on to launch the
         # step instead of first waiting for the card to finish the last one.
         x, y = (t.pin_memory().to(device, non_blocking=True) for t in (x, y))
-    elif torch.device(device).type != "cpu":
+    elif kind != "cpu":
         x, y = x.to(device), y.to(device)
     return x, y
