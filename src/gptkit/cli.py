@@ -1,7 +1,7 @@
 """The `gptkit` command line: one entry point, one plain typed function per subcommand.
 
     gptkit prepare INPUT... --out DIR --tokenizer gpt2|char|bpe
-    gptkit train --data DIR --out RUN [--preset NAME] [...]
+    gptkit train --data DIR --out RUN [--preset NAME | --init-from MODEL] [...]
     gptkit sample RUN --prompt TEXT
     gptkit convert SRC OUT [--to gptkit|hf]
     gptkit eval MODEL FILE... [--stride S] [--batch-size B] [--context-length N]
@@ -31,14 +31,12 @@ from typing import Any, Literal
 
 from gptkit.errors import GptkitError
 
-TokenizerKind = Literal["gpt2", "char", "bpe"]
-
 
 def prepare(
     inputs: list[str],
     *,
     out: str,
-    tokenizer: TokenizerKind = "gpt2",
+    tokenizer: str = "gpt2",
     vocab_size: int | None = None,
     val_fraction: float = 0.1,
     errors: Literal["strict", "replace"] = "strict",
@@ -48,7 +46,7 @@ def prepare(
     Args:
         inputs: text files, directories (searched recursively) or glob patterns
         out: directory to write train.bin, val.bin, meta.json and tokenizer.json into
-        tokenizer: gpt2 (OpenAI's 50,257 BPE), char (the corpus's characters) or bpe (trained here)
+        tokenizer: gpt2 (OpenAI's BPE), char, bpe (trained here), or a model/run dir: its tokenizer
         vocab_size: vocabulary size for --tokenizer bpe
         val_fraction: share of the token stream (its tail) kept for validation
         errors: what to do with bytes that are not UTF-8: fail (strict) or replace them

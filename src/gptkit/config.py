@@ -194,6 +194,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+DEFAULT_PRESET = "seed-tiny"  # what `gptkit train` builds without --preset or --init-from
+
+
 def _opt(default: Any, help: str) -> Any:
     """A dataclass field whose `help` becomes the CLI's help text for it."""
     return dataclasses.field(default=default, metadata={"help": help})
@@ -207,7 +210,14 @@ class TrainConfig:
         metadata={"help": "directory made by `gptkit prepare` (train.bin, val.bin, meta.json)"}
     )
     out: str = _opt("runs/default", "run directory: checkpoints, metrics and plots go here")
-    preset: str = _opt("seed-tiny", "model preset to start from (see `gptkit presets`)")
+    preset: str | None = _opt(
+        None, f"model preset to start from (see `gptkit presets`; default {DEFAULT_PRESET})"
+    )
+    init_from: str | None = _opt(
+        None,
+        "fine-tune: start from the weights of this model or run directory, or of a Hugging "
+        "Face GPT-2 directory (its shape and tokenizer come along)",
+    )
     n_layer: int | None = _opt(None, "override the preset's number of layers")
     n_head: int | None = _opt(None, "override the preset's number of attention heads")
     d_model: int | None = _opt(None, "override the preset's model width")

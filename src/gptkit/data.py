@@ -301,7 +301,11 @@ def _encode_corpus(
             f.write(eot.tobytes())
             total += 1
         for text in _read_text(path, errors, bar):
-            arr = np.array(tok.encode(text), dtype)
+            try:
+                ids = tok.encode(text)
+            except GptkitError as e:  # a reused char tokenizer meeting a new character
+                raise GptkitError(f"{path}: {e}") from None
+            arr = np.array(ids, dtype)
             f.write(arr.tobytes())
             total += len(arr)
     return total

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from gptkit import checkpoint as ckpt
 from gptkit.config import GPTConfig, TrainConfig
@@ -93,6 +94,51 @@ def check_data_fits(cfg: TrainConfig, context_length: int, train_n: int, val_n: 
         )
 
 
+def open_init(
+    cfg: TrainConfig, tokenizer: dict[str, Any]
+) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """--init-from: (config, weights) of the model to fine-tune, checked against the data.
+
+    The model brings its shape and its tokenizer, which must be the one `tokenizer` (the
+    data's tokenizer.json) describes. --context-length may shorten the context (a learned
+    position table keeps its first rows) and --dropout may change; nothing else may.
+    """
+    from gptkit.hf import is_hf_dir, load
+
+    source = cfg.init_from
+    shaped = [n for n in ("preset", "n_layer", "n_head", "d_model") if getattr(cfg, n) is not None]
+    if shaped:
+        raise GptkitError(
+            f"--{shaped[0].replace('_', '-')} cannot be combined with --init-from: the model's "
+            f"shape comes from {source}"
+        )
+    model, model_tokenizer = load(source)
+    if model_tokenizer.to_json() != tokenizer:
+        if model_tokenizer.kind == "gpt2":
+            how = "prepare it with --tokenizer gpt2"
+        elif is_hf_dir(source):
+            how = f"convert {source} with `gptkit convert`, then prepare with --tokenizer OUT"
+        else:
+            how = f"prepare it with --tokenizer {source}"
+        raise GptkitError(
+            f"{cfg.data} was prepared with another tokenizer ({tokenizer.get('kind')!r}) than "
+            f"{source}'s ({model_tokenizer.kind!r}); {how}"
+        )
+    config, weights = model.config, model.state_dict()
+    if cfg.context_length is not None and cfg.context_length > config.context_length:
+        raise GptkitError(
+            f"--context-length {cfg.context_length} exceeds the {config.context_length} "
+            f"positions of {source}"
+        )
+    try:
+        config = dataclasses.replace(config, **cfg.model_overrides())
+    except ValueError as e:
+        raise GptkitError(str(e)) from None
+    if "wpe.weight" in weights:  # a learned table: positions past the new context go
+        weights["wpe.weight"] = weights["wpe.weight"][: config.context_length]
+    return config, weights
+
+
 def check_fresh_dir(run_dir: Path) -> None:
     """Never overwrite a checkpoint by starting a new run on top of it."""
     if run_dir.exists() and not run_dir.is_dir():
@@ -156,7 +202,10 @@ def resume_command(cfg: TrainConfig) -> str:
     parts = ["gptkit", "train"]
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if f.name == "resume" or (f.name not in ("data", "out") and value == f.default):
+        # --init-from only starts a run: a resumed one takes its weights from its checkpoint.
+        if f.name in ("resume", "init_from") or (
+            f.name not in ("data", "out") and value == f.default
+        ):
             continue
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
@@ -168,7 +217,7 @@ def resume_command(cfg: TrainConfig) -> str:
 
 def changed_options(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     """Training options of a resumed run that differ from the ones it was saved with."""
-    ignore = {"data", "out", "resume"}
+    ignore = {"data", "out", "resume", "init_from"}
     return [
         f"--{k.replace('_', '-')} {saved[k]} -> {v}"
         for k, v in cfg.to_dict().items()

@@ -39,7 +39,7 @@ from torch import nn
 
 from gptkit import checkpoint as ckpt
 from gptkit import distributed, kernels, malloc, optim, plan
-from gptkit.config import GPTConfig, TrainConfig
+from gptkit.config import DEFAULT_PRESET, GPTConfig, TrainConfig
 from gptkit.errors import GptkitError
 from gptkit.metrics import METRICS_FILE, MetricsLog, plot_losses
 from gptkit.model import GPT
@@ -50,6 +50,7 @@ from gptkit.rundir import (
     check_resumable,
     check_train_config,
     open_data,
+    open_init,
     resume_command,
     start_run_dir,
 )
@@ -337,7 +338,7 @@ def setup(
     device = resolve_device(cfg.device) if device is None else device
     meta, train_tokens, val_tokens, tokenizer = open_data(cfg)
     run_dir = Path(cfg.out)
-    state = None
+    state = init_weights = None
     if cfg.resume:
         state = ckpt.load_train_state(run_dir)
         check_resumable(cfg, run_dir, meta, tokenizer, state)
@@ -347,12 +348,17 @@ def setup(
         config = GPTConfig.from_dict(state["model_config"])
     else:
         check_fresh_dir(run_dir)
-        try:
-            config = GPTConfig.from_preset(
-                cfg.preset, vocab_size=meta["vocab_size"], **cfg.model_overrides()
-            )
-        except ValueError as e:
-            raise GptkitError(str(e)) from None
+        if cfg.init_from is not None:
+            config, init_weights = open_init(cfg, tokenizer)
+        else:
+            try:
+                config = GPTConfig.from_preset(
+                    cfg.preset or DEFAULT_PRESET,
+                    vocab_size=meta["vocab_size"],
+                    **cfg.model_overrides(),
+                )
+            except ValueError as e:
+                raise GptkitError(str(e)) from None
     check_data_fits(cfg, config.context_length, len(train_tokens), len(val_tokens))
     if env.is_main:
         start_run_dir(cfg, run_dir, config)
@@ -364,6 +370,8 @@ def setup(
     model = build_model(config, cfg.seed, device)
     if state is not None:  # before sharding: FSDP then splits the loaded weights
         ckpt.load_weights(model, state["model"], run_dir / ckpt.TRAIN_STATE_FILE)
+    elif init_weights is not None:
+        ckpt.load_weights(model, init_weights, cfg.init_from)
     if cfg.activation_checkpointing:
         distributed.checkpoint_blocks(model)
     wrapped = distributed.wrap(model, env, cfg.fsdp, cfg.dtype)  # DDP, FSDP or model itself
