@@ -548,6 +548,28 @@ def test_top_p_property(values: list[float], p: float) -> None:
         assert least >= probs[~kept].max().item()
 
 
+@pytest.mark.parametrize("vocab", [6, 50257])  # the full sort, and the candidates' path
+@pytest.mark.parametrize("p", [0.0, 1e-300, 1e-9])
+def test_top_p_keeps_the_top_token_whatever_p(vocab: int, p: float) -> None:
+    """Guards top-p keeping nothing (then nothing can be sampled) for p = 0 or a p that
+    rounds to 0 against float32 masses: the most probable token is always kept."""
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(0))
+    kept = torch.isfinite(top_p_filter(logits, p))
+    assert kept.sum(-1).tolist() == [1, 1, 1]
+    assert kept.nonzero()[:, -1].tolist() == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-50, 1e-300])
+def test_tiny_temperatures_are_greedy(temperature: float) -> None:
+    """Guards logits / temperature overflowing to inf (softmax NaN, "cannot sample"): a
+    tiny positive temperature samples the argmax, with top-k and top-p too."""
+    logits = torch.randn(8, 97, generator=torch.Generator().manual_seed(0)) * 5
+    g = torch.Generator().manual_seed(0)
+    for top_k, top_p in [(None, None), (10, None), (None, 0.5), (10, 0.9)]:
+        picked = sample_next(logits, temperature, top_k, top_p, g)
+        assert picked.tolist() == logits.argmax(-1).tolist()
+
+
 def test_filters_chain_in_documented_order() -> None:
     """Guards top-p being applied before top-k (it would renormalise over other tokens)."""
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).log_softmax(-1)
@@ -640,6 +662,10 @@ BAD_SETTINGS = [
     dict(top_p=0.0),
     dict(top_p=-0.1),
     dict(top_p=1.01),
+    dict(temperature=float("nan")),
+    dict(temperature=float("inf")),
+    dict(top_p=float("nan")),
+    dict(top_p=float("inf")),
 ]
 
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import partial
 
 import httpx
 import openai
@@ -12,9 +18,10 @@ import pytest
 import torch
 from serve_helpers import make_model_dir, metric, running_server
 
-from gptkit import cli
+from gptkit import batching, cli
+from gptkit.batching import Finished, SamplingParams, Scheduler, Sequence, Token
 from gptkit.checkpoint import load
-from gptkit.generate import stream_text
+from gptkit.generate import sample_next, stream_text
 from gptkit.model import KV_CACHE_DTYPES
 
 MAX_TOKENS = 24
@@ -121,6 +128,7 @@ def test_logprobs_are_the_models(client, model_dir):
         top = torch.topk(row, 3)
         pairs = zip(top.indices.tolist(), top.values.tolist(), strict=True)
         expected = {tok.decode([j]): v for j, v in pairs}
+        expected[token] = float(row[ids[2 + i]])  # the sampled token is always there
         assert lp.top_logprobs[i] == pytest.approx(expected, abs=1e-4)
         assert lp.text_offset[i] == i  # offsets into the returned text (no echo here)
         assert token == text[i]
@@ -142,7 +150,7 @@ def test_echo_with_logprobs_scores_the_prompt(client, url, model_dir):
     ids = tok.encode(out.text)
     for t in range(1, len(ids)):
         assert lp.token_logprobs[t] == pytest.approx(float(ref[t - 1, ids[t]]), abs=1e-4)
-        assert len(lp.top_logprobs[t]) == 2
+        assert len(lp.top_logprobs[t]) in (2, 3) and lp.tokens[t] in lp.top_logprobs[t]
     chunks = list(client.completions.create(logprobs=2, stream=True, **kwargs))
     assert "".join(c.choices[0].text for c in chunks) == out.text
     assert sum(len(c.choices[0].logprobs.tokens) for c in chunks) == len(out.text)
@@ -226,7 +234,11 @@ def test_32_concurrent_streams_are_batched(url, reference):
         (json.dumps({"prompt": "a", "stream": "yes"}).encode(), 400),
         (json.dumps({"prompt": "a", "max_tokens": True}).encode(), 400),
         (json.dumps({"prompt": "a", "temperature": -1}).encode(), 400),
-        (json.dumps({"prompt": "a", "top_p": 0}).encode(), 400),
+        (json.dumps({"prompt": "a", "top_p": -0.1}).encode(), 400),
+        (b'{"prompt": "a", "temperature": NaN}', 400),
+        (b'{"prompt": "a", "temperature": Infinity}', 400),
+        (b'{"prompt": "a", "top_p": NaN}', 400),
+        (b"[" * 100_000 + b"]" * 100_000, 400),  # nested past Python's recursion limit
         (json.dumps({"prompt": "a", "top_k": 0}).encode(), 400),
         (json.dumps({"prompt": "a", "n": 1000}).encode(), 400),
         (json.dumps({"prompt": "a", "logprobs": 6}).encode(), 400),
@@ -242,7 +254,8 @@ def test_32_concurrent_streams_are_batched(url, reference):
 )
 def test_bad_requests_get_json_errors(url, body, status):
     """Guards request checking: every bad request gets its 4xx status and OpenAI's error
-    shape before any model work, and the server stays healthy."""
+    shape before any model work, and the server stays healthy (NaN passed range checks,
+    deep nesting was a 500)."""
     r = httpx.post(
         f"{url}/v1/completions", content=body, headers={"Content-Type": "application/json"}
     )
@@ -281,9 +294,29 @@ def test_disconnect_frees_the_slot(url):
     assert ok.status_code == 200
 
 
-def test_api_key_and_full_queue(model_dir):
+@contextmanager
+def sampling_blocked(monkeypatch) -> Iterator[threading.Event]:
+    """Hold the scheduler thread inside its next `sample_next` until the block ends;
+    yields an event set once it is held there (a sequence is then being admitted)."""
+    held, release = threading.Event(), threading.Event()
+
+    def blocking(*args, **kwargs):
+        held.set()
+        release.wait(30)
+        return sample_next(*args, **kwargs)
+
+    monkeypatch.setattr(batching, "sample_next", blocking)
+    try:
+        yield held
+    finally:
+        release.set()
+        monkeypatch.setattr(batching, "sample_next", sample_next)
+
+
+def test_api_key_and_full_queue(model_dir, monkeypatch):
     """Guards auth and overload: with --api-key a missing or wrong key is 401 (health
-    stays open); a request that overflows the queue is 429 with Retry-After."""
+    stays open); a request that overflows the queue is 429 with Retry-After, one that no
+    idle server could hold is 400."""
     with running_server(model_dir, api_key="sekrit", max_batch=1, max_queue=1) as url:
         body = {"prompt": "a", "max_tokens": 2}
         assert httpx.post(f"{url}/v1/completions", json=body).status_code == 401
@@ -294,10 +327,254 @@ def test_api_key_and_full_queue(model_dir):
         assert client.completions.create(model=model_dir.name, prompt="a", max_tokens=2)
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0).models.list()
-        with pytest.raises(openai.RateLimitError) as e:
-            client.completions.create(model=model_dir.name, prompt="a", max_tokens=2, n=2)
+        # idle: one slot and one place in the queue take n=2
+        assert client.completions.create(model=model_dir.name, prompt="a", max_tokens=2, n=2)
+        with pytest.raises(openai.BadRequestError):  # n=3 never fits: retrying is futile
+            client.completions.create(model=model_dir.name, prompt="a", max_tokens=2, n=3)
+        with ThreadPoolExecutor(1) as pool, sampling_blocked(monkeypatch) as held:
+            first = pool.submit(client.completions.create, model=model_dir.name, prompt="a")
+            assert held.wait(30)  # the slot is taken
+            with pytest.raises(openai.RateLimitError) as e:
+                client.completions.create(model=model_dir.name, prompt="a", max_tokens=2, n=2)
         assert e.value.response.headers["retry-after"] == "1"
+        assert first.result(timeout=30).choices
         assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_max_queue_zero_serves_an_idle_server(model_dir):
+    """Guards --max-queue 0 refusing every request (each sequence passes `waiting`): it
+    means no waiting beyond the free slots, and more sequences than slots is a 400."""
+    with running_server(model_dir, max_batch=2, max_queue=0) as url:
+        body = {"prompt": "a", "max_tokens": 2}
+        assert httpx.post(f"{url}/v1/completions", json=body).status_code == 200
+        assert httpx.post(f"{url}/v1/completions", json={**body, "n": 2}).status_code == 200
+        r = httpx.post(f"{url}/v1/completions", json={**body, "prompt": ["a", "b"], "n": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+
+
+def test_tiny_temperature_and_top_p_are_greedy(url):
+    """Guards temperature 1e-40 and top_p 1e-300 passing the checks, then failing every
+    sequence in the batch ("cannot sample"): they sample greedily, as top_p 0 does."""
+    body = {"prompt": "ab", "max_tokens": 8, "seed": 0}
+
+    def text(**extra) -> str:
+        r = httpx.post(f"{url}/v1/completions", json={**body, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    greedy = text(temperature=0)
+    assert text(temperature=1e-40) == greedy
+    assert text(top_p=1e-300) == greedy
+    assert text(top_p=0) == greedy
+
+
+def test_a_failing_sequence_fails_alone(model_dir, reference, monkeypatch):
+    """Guards one sequence's failure finishing every sequence in the batch: sampling that
+    raises while one sequence is admitted, or for another mid-batch, finishes just that
+    one with "error"; the sequence decoding beside them completes as `gptkit sample`."""
+    model, tok = load(model_dir)
+    at_admission, mid_batch = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    draws = {at_admission: 0, mid_batch: 0}
+
+    def flaky(logits, temperature, top_k, top_p, generator):
+        draws[generator] = draws.get(generator, 0) + 1
+        # at admission (the first draw), and at mid_batch's second decode step
+        if (generator, draws[generator]) in ((at_admission, 1), (mid_batch, 3)):
+            raise ValueError("cannot sample: injected")
+        return sample_next(logits, temperature, top_k, top_p, generator)
+
+    monkeypatch.setattr(batching, "sample_next", flaky)
+    gens = [at_admission, torch.Generator().manual_seed(5), mid_batch]
+    events: list[list] = [[] for _ in gens]
+    done = [threading.Event() for _ in gens]
+
+    def emit(i: int, ev: Token | Finished) -> None:
+        events[i].append(ev)
+        if isinstance(ev, Finished):
+            done[i].set()
+
+    seqs = [
+        Sequence(tok.encode("ab"), SamplingParams(MAX_TOKENS), partial(emit, i), gen)
+        for i, gen in enumerate(gens)
+    ]
+    scheduler = Scheduler(model, tok.eot_id, max_batch=4, max_queue=4)
+    scheduler.start()
+    try:
+        scheduler.submit(seqs)
+        assert all(d.wait(30) for d in done)
+    finally:
+        scheduler.stop()
+    error = Finished("error", "ValueError: cannot sample: injected")
+    assert events[0] == [error]
+    assert [type(ev) for ev in events[2]] == [Token, Token, Finished] and events[2][-1] == error
+    healthy = events[1]
+    text = tok.decode([ev.id for ev in healthy[:-1]])
+    assert text == reference("ab", 5)
+    assert healthy[-1] == Finished("length" if len(text) == MAX_TOKENS else "stop")
+
+
+def test_failed_generation_answers_500(url, monkeypatch):
+    """Guards a choice that failed answering 200 with empty text: the non-streamed
+    response is a 500 in OpenAI's error shape, counted in /metrics."""
+
+    def broken(*args, **kwargs):
+        raise ValueError("cannot sample: injected")
+
+    monkeypatch.setattr(batching, "sample_next", broken)
+    try:
+        before = metric(url, 'gptkit_requests_total{status="500"}')
+    except KeyError:
+        before = 0
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 4})
+    assert r.status_code == 500
+    error = r.json()["error"]
+    assert error["type"] == "server_error" and "cannot sample" in error["message"]
+    assert metric(url, 'gptkit_requests_total{status="500"}') == before + 1
+
+
+def test_a_crash_is_counted_in_metrics(model_dir, monkeypatch):
+    """Guards /metrics missing the 500s of unexpected exceptions on /v1/completions."""
+    from fastapi.testclient import TestClient
+
+    from gptkit import serve
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(serve, "prompt_ids", crash)
+    app = serve.create_app(*load(model_dir), model_dir.name)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.post("/v1/completions", json={"prompt": "a"})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert 'gptkit_requests_total{status="500"} 1' in client.get("/metrics").text
+
+
+def test_scoring_a_prompt_with_max_tokens_0(url):
+    """Guards echo + logprobs + max_tokens 0 (OpenAI's way to score a prompt) returning
+    no logprobs: the prompt's tokens come back scored (the first null), streamed or not."""
+    body = {"prompt": "romeo,", "max_tokens": 0, "echo": True, "logprobs": 1}
+    choice = httpx.post(f"{url}/v1/completions", json=body).json()["choices"][0]
+    lp = choice["logprobs"]
+    assert (choice["text"], choice["finish_reason"]) == (body["prompt"], "length")
+    assert lp["tokens"] == list(body["prompt"]) and lp["text_offset"] == list(range(6))
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(math.isfinite(x) and x < 0 for x in lp["token_logprobs"][1:])
+    raw = httpx.post(f"{url}/v1/completions", json={**body, "stream": True}).text
+    chunks = [json.loads(e[6:])["choices"][0] for e in raw.split("\n\n") if "{" in e]
+    assert "".join(c["text"] for c in chunks) == choice["text"]
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [x for c in chunks for x in c["logprobs"][key]] == lp[key]
+
+
+def test_streamed_logprobs_equal_non_streamed_at_a_stop_string(client, model_dir):
+    """Guards streamed logprobs holding the tokens of a stop string (text_offset past the
+    text) that the non-streamed response leaves out: the same tokens, exactly."""
+    tried = 0
+    for seed in range(20):
+        kwargs = dict(model=model_dir.name, prompt="x", max_tokens=MAX_TOKENS, seed=seed)
+        full = client.completions.create(**kwargs).choices[0].text
+        if len(full) < 8:
+            continue
+        tried += 1
+        kwargs.update(stop=full[5:7], logprobs=1)
+        whole = client.completions.create(**kwargs).choices[0].logprobs
+        tokens, offsets, logprobs = [], [], []
+        for chunk in client.completions.create(stream=True, **kwargs):
+            lp = chunk.choices[0].logprobs
+            tokens, offsets = tokens + lp.tokens, offsets + lp.text_offset
+            logprobs += lp.token_logprobs
+        assert (tokens, offsets) == (whole.tokens, whole.text_offset), seed
+        assert logprobs == whole.token_logprobs
+    assert tried >= 10
+
+
+def test_top_logprobs_always_hold_the_sampled_token(url):
+    """Guards logprobs 0 giving empty top_logprobs (OpenAI always includes the sampled
+    token, up to logprobs + 1 entries), for echoed prompt tokens too."""
+    body = {"prompt": "abc", "max_tokens": 8, "logprobs": 0, "echo": True, "seed": 2}
+    lp = httpx.post(f"{url}/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    assert lp["top_logprobs"][0] is None  # the first prompt token has no logprob
+    rows = zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True)
+    for token, logprob, top in list(rows)[1:]:
+        assert top == {token: logprob}
+
+
+@pytest.mark.parametrize("body", [[], None, "x"])
+def test_a_body_that_is_no_object(url, body):
+    """Guards the message "None: Input should be a valid dictionary"."""
+    r = httpx.post(f"{url}/v1/completions", content=json.dumps(body))
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] is None
+    assert error["message"].startswith("Input should be a valid dictionary")
+
+
+def test_error_details(url, client, model_dir):
+    """Guards error fields: the request's field as param (not `prompt.str`), a too large
+    max_tokens as context_length_exceeded, unknown routes and methods (and model ids) in
+    OpenAI's shape, and `client.models.retrieve`."""
+
+    def error(body: dict) -> dict:
+        return httpx.post(f"{url}/v1/completions", json=body).json()["error"]
+
+    assert error({"prompt": 5})["param"] == "prompt"
+    assert error({"prompt": "a", "stop": 5})["param"] == "stop"
+    for max_tokens in (512, 10**6):
+        assert error({"prompt": "a", "max_tokens": max_tokens})["code"] == (
+            "context_length_exceeded"
+        )
+    r = httpx.get(f"{url}/v1/nope")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.get(f"{url}/v1/completions")
+    assert r.status_code == 405 and "POST" in r.headers["allow"] and r.json()["error"]
+    assert client.models.retrieve(model_dir.name).id == model_dir.name
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-9")
+    assert e.value.code == "model_not_found"
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("logit_bias", {"3": 5}),
+        ("best_of", 2),
+        ("suffix", "!"),
+        ("presence_penalty", 0.5),
+        ("frequency_penalty", -1),
+        ("stream_options", {"include_usage": True}),
+    ],
+)
+def test_unsupported_fields_are_refused(url, field, value):
+    """Guards OpenAI fields we do not implement being silently ignored."""
+    body = {"prompt": "a", "max_tokens": 2, "stream": True, field: value}
+    r = httpx.post(f"{url}/v1/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == field
+    assert "does not support" in r.json()["error"]["message"]
+
+
+def test_unsupported_fields_with_default_values_are_accepted(url):
+    """Guards refusing requests from clients that send OpenAI's defaults explicitly."""
+    body = {"prompt": "a", "max_tokens": 2, "logit_bias": {}, "best_of": 1, "suffix": None}
+    body |= {"presence_penalty": 0, "frequency_penalty": 0.0}
+    body |= {"stream_options": {"include_usage": False}, "user": "ignored"}
+    assert httpx.post(f"{url}/v1/completions", json=body).status_code == 200
+
+
+def test_api_key_scheme_is_case_insensitive(model_dir, monkeypatch):
+    """Guards `bearer KEY` being refused (RFC 7235: the scheme is case-insensitive) and
+    the key compared in variable time (hmac.compare_digest)."""
+    import hmac
+
+    compared = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: compared.append(1) or real(a, b))
+    with running_server(model_dir, api_key="sekrit") as url:
+        body = {"prompt": "a", "max_tokens": 2}
+        for header in ("Bearer sekrit", "bearer sekrit", "BEARER  sekrit"):
+            r = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": header})
+            assert r.status_code == 200, header
+        r = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": "sekrit"})
+        assert r.status_code == 401
+    assert compared
 
 
 def test_serve_command_rejects_bad_arguments(tmp_path, capsys):

@@ -10,6 +10,10 @@ Determinism: a sequence samples with its own `torch.Generator` through the same
 `sample_next` on its own (1, V) row of logits, so it consumes its generator exactly as
 `gptkit sample` does for one prompt. `max_batch=1` turns batching off (the baseline).
 
+Failures stay with their sequence: an exception while admitting or sampling one sequence
+finishes only it, with `Finished("error")`; only a failed batched forward pass (shared by
+every active sequence) finishes them all.
+
 The server hands `Sequence`s to `Scheduler.submit` from the event loop and receives
 `Token` / `Finished` events through each sequence's `emit` callback, which must be
 thread-safe (the server wraps `loop.call_soon_threadsafe`).
@@ -54,7 +58,7 @@ class Token:
 
     id: int
     logprob: float | None = None
-    top: list[tuple[int, float]] | None = None  # (id, logprob), most likely first
+    top: list[tuple[int, float]] | None = None  # (id, logprob), most likely first (`scored`)
 
 
 @dataclass(frozen=True)
@@ -86,11 +90,19 @@ class Sequence:
 
 
 def scored(logits: torch.Tensor, token: int, k: int) -> Token:
-    """`token` with its log-probability and the k most likely alternatives, from logits (V,)."""
+    """`token` with its log-probability and the k most likely alternatives, from logits (V,).
+
+    The alternatives always include `token` itself, last when it is not among the k (as
+    OpenAI: "up to logprobs + 1 elements"; with k = 0, just the token).
+    """
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # (V,)
     top = torch.topk(logprobs, k)
-    alternatives = list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
-    return Token(token, float(logprobs[token]), alternatives)
+    ids = top.indices.tolist()
+    alternatives = list(zip(ids, top.values.tolist(), strict=True))
+    logprob = float(logprobs[token])
+    if token not in ids:
+        alternatives.append((token, logprob))
+    return Token(token, logprob, alternatives)
 
 
 class Histogram:
@@ -147,6 +159,7 @@ class Scheduler:
         self.cache = SlotKVCache(model.config, max_batch, device=self.device, dtype=self.dtype)
         self.active: list[Sequence] = []  # row r of the cache belongs to active[r]
         self.waiting: deque[Sequence] = deque()
+        self.admitting = 0  # taken from `waiting`, not yet in `active`
         self.cond = threading.Condition()
         self.stats = Stats()
         self._stop = False
@@ -166,9 +179,14 @@ class Scheduler:
             self._thread.join()
 
     def submit(self, seqs: list[Sequence]) -> None:
-        """Queue all of `seqs` or none (QueueFull): a request's choices run together."""
+        """Queue all of `seqs` or none (QueueFull): a request's choices run together.
+
+        Every sequence passes through `waiting`, so the free slots count too: with
+        max_queue 0 an idle server still takes max_batch sequences.
+        """
         with self.cond:
-            if len(self.waiting) + len(seqs) > self.max_queue:
+            free = self.max_batch - len(self.active) - self.admitting
+            if len(self.waiting) + len(seqs) > self.max_queue + free:
                 raise QueueFull(f"{len(self.waiting)} sequences already waiting")
             self.waiting.extend(seqs)
             self.cond.notify()
@@ -197,25 +215,37 @@ class Scheduler:
                 new = []
                 while self.waiting and len(self.active) + len(new) < self.max_batch:
                     new.append(self.waiting.popleft())
+                self.admitting = len(new)
             try:
                 with torch.inference_mode():
                     for seq in new:
-                        self._admit(seq)
+                        try:
+                            self._admit(seq)
+                        except Exception as e:  # this sequence's prefill or sampling only
+                            self._fail(seq, e)
+                        self.admitting -= 1
                     self._drop_finished()
                     if self.active:
                         self._decode_step()
                         self._drop_finished()
-            except Exception as e:  # a failed step must not take the server down
-                for seq in [*new, *self.active]:
-                    seq.emit(Finished("error", f"{type(e).__name__}: {e}"))
-                    seq.cancel()
+            except Exception as e:  # the shared forward pass: every active sequence failed
+                for seq in self.active:
+                    self._fail(seq, e)
                 self.active.clear()
+                self.admitting = 0
+
+    @staticmethod
+    def _fail(seq: Sequence, e: Exception) -> None:
+        """Finish one sequence with an error; the server and the other sequences go on."""
+        seq.emit(Finished("error", f"{type(e).__name__}: {e}"))
+        seq.cancel()
 
     def _admit(self, seq: Sequence) -> None:
         """1. prefill one sequence alone, sample its first token, give it a slot."""
+        p = seq.params
         if seq.cancelled:
             return
-        if seq.params.max_tokens == 0:
+        if p.max_tokens == 0 and not p.prompt_logprobs:
             seq.emit(Finished("length"))
             seq.cancel()
             return
@@ -224,13 +254,12 @@ class Scheduler:
             self.model.config, 1, ids.shape[1], self.device, self.dtype, ring_buffers=False
         )
         h = self.model.hidden_states(ids, prefill)  # (1, T, C)
-        p = seq.params
         if p.prompt_logprobs and p.logprobs is not None:
-            scores = self.model.lm_head(h[0, :-1])  # (T - 1, V): position t predicts t + 1
-            rest = [
-                scored(scores[t], seq.prompt_ids[t + 1], p.logprobs) for t in range(len(scores))
-            ]
-            seq.emit(PromptLogprobs([Token(seq.prompt_ids[0]), *rest]))
+            seq.emit(self._prompt_logprobs(seq, h[0]))
+        if p.max_tokens == 0:  # scoring the prompt only (echo, logprobs, max_tokens 0)
+            seq.emit(Finished("length"))
+            seq.cancel()
+            return
         logits = self.model.lm_head(h[:, -1])  # (1, V): only the last position is unembedded
         self._sample(seq, logits)
         with self.stats.lock:
@@ -238,6 +267,13 @@ class Scheduler:
         if not seq.cancelled:
             self.cache.load(len(self.active), prefill)
             self.active.append(seq)
+
+    def _prompt_logprobs(self, seq: Sequence, h: torch.Tensor) -> PromptLogprobs:
+        """The prompt's tokens scored from its hidden states h (T, C)."""
+        scores = self.model.lm_head(h[:-1])  # (T - 1, V): position t predicts t + 1
+        k, ids = seq.params.logprobs, seq.prompt_ids
+        rest = [scored(scores[t], ids[t + 1], k) for t in range(len(scores))]
+        return PromptLogprobs([Token(ids[0]), *rest])
 
     def _decode_step(self) -> None:
         """2. one forward pass for every active row, each at its own position."""
@@ -248,7 +284,10 @@ class Scheduler:
             self.stats.batch_size.observe(B)
             self.stats.steps += 1
         for r, seq in enumerate(self.active):
-            self._sample(seq, logits[r : r + 1])
+            try:
+                self._sample(seq, logits[r : r + 1])
+            except Exception as e:  # one row's sampling: the others go on
+                self._fail(seq, e)
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Draw the next token of one sequence from its (1, V) logits; emit it or finish."""

@@ -193,7 +193,7 @@ def serve(
         port: TCP port to listen on
         api_key: require 'Authorization: Bearer KEY' on /v1/ endpoints
         max_batch: sequences decoded together per step (1 turns batching off)
-        max_queue: sequences that may wait for a slot before requests get 429
+        max_queue: sequences that may wait beyond the free slots before requests get 429
         device: cpu, cuda, or cuda:N
         weights: fp32, or weight-only bf16 / int8 (per-channel scales): 2x / 4x fewer bytes
         kv_cache: fp32, or bf16: half the KV cache's memory per slot and bytes read per token

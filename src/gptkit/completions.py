@@ -52,8 +52,15 @@ class APIError(Exception):
         return JSONResponse(body, status_code=self.status, headers=headers)
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    include_usage: bool | None = None
+
+
 class CompletionRequest(BaseModel):
-    """The fields of OpenAI's /v1/completions we honour (others are ignored); strict types."""
+    """The fields of OpenAI's /v1/completions we honour, and those we refuse unless they
+    hold their default (`refuse_unsupported`); others are ignored. Strict types."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
@@ -69,6 +76,13 @@ class CompletionRequest(BaseModel):
     stream: bool | None = None
     logprobs: int | None = None
     echo: bool | None = None
+    # OpenAI's, not implemented: accepted only with their defaults
+    logit_bias: dict[str, float] | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stream_options: StreamOptions | None = None
 
 
 class TokenizeRequest(BaseModel):
@@ -94,6 +108,8 @@ async def read_json(request: Request) -> Any:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:  # e.g. 100,000 nested brackets: fits the size limit
+        raise APIError(400, "the body's JSON is nested too deeply", code="invalid_json") from None
 
 
 def parse(model: type[BaseModel], data: Any) -> Any:
@@ -101,14 +117,40 @@ def parse(model: type[BaseModel], data: Any) -> Any:
         return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
+        if not err["loc"]:  # the body itself, e.g. a list where an object belongs
+            raise APIError(400, err["msg"], code="invalid_type") from None
+        # The request's field, not the union member tried last (`prompt`, not `prompt.str`)
+        param = str(err["loc"][0])
         raise APIError(400, f"{param}: {err['msg']}", param=param, code="invalid_type") from None
 
 
-def check_range(name: str, value: float, lo: float, hi: float, lo_open: bool = False) -> None:
-    if value < lo or value > hi or (lo_open and value == lo):
-        bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
-        raise APIError(400, f"{name} must be in {bound}, got {value}", param=name)
+def check_range(name: str, value: float, lo: float, hi: float) -> None:
+    """Refuse a value outside [lo, hi]; written so that NaN (JSON may hold it), which fails
+    every comparison, is refused too."""
+    if not lo <= value <= hi:
+        raise APIError(400, f"{name} must be in [{lo}, {hi}], got {value}", param=name)
+
+
+# OpenAI fields gptkit does not implement, with the values that ask for nothing (accepted):
+# any other is refused, not ignored, so a client never silently gets other behaviour.
+UNSUPPORTED_DEFAULTS = {
+    "logit_bias": ({}, None),
+    "best_of": (1, None),
+    "suffix": ("", None),
+    "presence_penalty": (0, None),
+    "frequency_penalty": (0, None),
+}
+
+
+def refuse_unsupported(req: CompletionRequest) -> None:
+    """400 for an OpenAI field gptkit does not implement, given with a non-default value."""
+    for name, defaults in UNSUPPORTED_DEFAULTS.items():
+        if getattr(req, name) not in defaults:
+            raise APIError(400, f"gptkit does not support {name}", param=name)
+    if req.stream_options is not None and req.stream_options.include_usage:
+        raise APIError(
+            400, "gptkit does not support stream_options.include_usage", param="stream_options"
+        )
 
 
 def prompt_ids(req: CompletionRequest, tokenizer: Tokenizer, vocab: int) -> list[list[int]]:
@@ -147,10 +189,11 @@ def sampling_params(req: CompletionRequest, longest_prompt: int, context: int) -
     """Defaults applied with `is None` (temperature 0 is greedy), then every range checked."""
     max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
     temperature = 1.0 if req.temperature is None else req.temperature
-    check_range("max_tokens", max_tokens, 0, context)
+    if max_tokens < 0:  # one too large is the context check's (context_length_exceeded)
+        raise APIError(400, f"max_tokens must be >= 0, got {max_tokens}", param="max_tokens")
     check_range("temperature", temperature, 0.0, 2.0)
-    if req.top_p is not None:
-        check_range("top_p", req.top_p, 0.0, 1.0, lo_open=True)
+    if req.top_p is not None:  # 0 keeps only the most probable token, as OpenAI allows
+        check_range("top_p", req.top_p, 0.0, 1.0)
     if req.top_k is not None:
         check_range("top_k", req.top_k, 1, 2**31 - 1)
     if req.n is not None:
@@ -195,6 +238,7 @@ class Choice:
         self.offsets: list[int] = []
         self.tokens_sent = 0
         self.finish_reason: str | None = None
+        self.error = ""  # why the choice finished with "error"
         self.prefix_pending = bool(prefix)  # streaming: the echoed prompt not sent yet
         self.prompt_tokens: list[Token] = []  # echo with logprobs: the prompt, scored
         self.prompt_sent = False
@@ -217,9 +261,9 @@ class Choice:
             return True
         return False
 
-    def finish(self, reason: str) -> None:
+    def finish(self, reason: str, message: str = "") -> None:
         if self.finish_reason is None:
-            self.finish_reason = reason
+            self.finish_reason, self.error = reason, message
             if reason != "error":
                 self.text = self.tokenizer.decode(self.ids)  # flush a held-back tail
                 self.text = self._cut_at_stop(self.text)
@@ -241,12 +285,20 @@ class Choice:
         return len(self.text) - hold
 
     def delta(self) -> tuple[str, list[Token], list[int]]:
-        """The text and tokens not handed out yet (with their text offsets)."""
+        """The text and tokens not handed out yet (with their text offsets).
+
+        A token goes out with the text it starts in: one that starts in held-back text may
+        still be dropped by a stop string (`add`), so it waits until that text is final.
+        """
         end = max(self._safe_len(), self.sent)
         text, self.sent = self.text[self.sent : end], end
-        tokens = self.tokens[self.tokens_sent :]
-        offsets = self.offsets[self.tokens_sent :]
-        self.tokens_sent = len(self.tokens)
+        final = self.finish_reason is not None  # then every token left goes out
+        n = self.tokens_sent
+        while n < len(self.tokens) and (final or self.offsets[n] - len(self.prefix) < end):
+            n += 1
+        tokens = self.tokens[self.tokens_sent : n]
+        offsets = self.offsets[self.tokens_sent : n]
+        self.tokens_sent = n
         return text, tokens, offsets
 
     def set_prompt(self, event: PromptLogprobs) -> None:

@@ -33,6 +33,7 @@ Only the last position is ever unembedded (`GPT.next_logits`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Generator, Iterator
 from typing import Protocol
 
@@ -62,11 +63,12 @@ def validate_sampling(
     """Raise GptkitError (one line) for a sampling setting that cannot work."""
     if max_new_tokens < 0:
         raise GptkitError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
+    # Written so that NaN (which fails every comparison) and inf fail the check too.
+    if not 0 <= temperature < math.inf:
         raise GptkitError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise GptkitError(f"top_k must be >= 1 (or unset), got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
+    if top_p is not None and not 0 < top_p <= 1:  # False for NaN too
         raise GptkitError(f"top_p must be in (0, 1] (or unset), got {top_p}")
 
 
@@ -140,6 +142,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     Only the TOP_P_CANDIDATES most probable tokens are ranked when the mass strictly above
     the least probable of them already reaches p in every row (then nothing below can be
     kept, and the ranking above it is the full one); otherwise the whole vocabulary is.
+    The most probable token is always kept, whatever p (0 keeps just it).
     """
     if p >= 1.0:
         return logits
@@ -155,12 +158,23 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
         above = (sorted_probs > sorted_probs[..., -1:]).sum(dim=-1, keepdim=True)
         if bool((mass_before.gather(-1, above) >= p).all()):
             keep = torch.zeros_like(probs, dtype=torch.bool)
-            keep.scatter_(-1, order, mass_before < p)
+            keep.scatter_(-1, order, _nucleus(mass_before, p))
             return logits.masked_fill(~keep, float("-inf"))
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-    keep_sorted = _exclusive_cumsum(sorted_probs) < p  # always keeps the top token
+    keep_sorted = _nucleus(_exclusive_cumsum(sorted_probs), p)
     keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
     return logits.masked_fill(~keep, float("-inf"))
+
+
+def _nucleus(mass_before: torch.Tensor, p: float) -> torch.Tensor:
+    """Which ranked tokens top-p keeps, from the mass before each (..., N) -> bool (..., N).
+
+    The first is kept even when `0 < p` fails: p = 0, or a tiny p that rounds to 0 when
+    compared with float32 masses, would keep nothing, and nothing can be sampled.
+    """
+    keep = mass_before < p
+    keep[..., 0] = True
+    return keep
 
 
 def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
@@ -183,7 +197,13 @@ def sample_next(
     """
     if temperature == 0:
         return greedy(logits)
-    logits = logits.float() / temperature  # float32: bf16 logits lose too much in softmax
+    logits = logits.float()  # float32: bf16 logits lose too much in softmax
+    # Shift each row's maximum to 0 first (softmax does not change): logits / 1e-40 would
+    # overflow to inf and softmax give NaN, where this gives 0 for the maximum and about
+    # -inf for the rest, i.e. greedy. A temperature below float32's smallest normal number is
+    # raised to it, since as a float32 divisor it would round to 0 (and 0 / 0 is NaN).
+    shifted = logits - logits.max(dim=-1, keepdim=True).values
+    logits = shifted / max(temperature, torch.finfo(torch.float32).tiny)
     ids = None  # with top-k, the rest works on the k survivors (B, k), ids ascending:
     if top_k is not None and top_k < logits.shape[-1]:  # ties still rank by id
         ids = top_k_ids(logits, top_k)

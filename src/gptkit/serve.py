@@ -2,8 +2,9 @@
 
     gptkit serve runs/demo --port 8000 [--api-key KEY] [--max-batch 32] [--max-queue 256]
 
-Endpoints: GET /v1/models, POST /v1/completions (streaming with server-sent events),
-POST /v1/tokenize, GET /health, GET /metrics (Prometheus text), GET / (the playground).
+Endpoints: GET /v1/models and /v1/models/{id}, POST /v1/completions (streaming with
+server-sent events), POST /v1/tokenize, GET /health, GET /metrics (Prometheus text),
+GET / (the playground).
 Decoding runs in `gptkit.batching.Scheduler`'s thread, never on the event loop; the
 loop only validates requests, turns tokens into text and writes responses.
 
@@ -17,6 +18,7 @@ Requests are validated before any model work against the named limits in
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import threading
 import time
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from gptkit.batching import Finished, PromptLogprobs, QueueFull, Scheduler, Sequence, Token
 from gptkit.completions import (
@@ -39,6 +42,7 @@ from gptkit.completions import (
     parse,
     prompt_ids,
     read_json,
+    refuse_unsupported,
     sampling_params,
 )
 from gptkit.generate import Tokenizer
@@ -81,18 +85,37 @@ def create_app(
     def check_key(request: Request) -> None:
         if api_key is None:
             return
-        if request.headers.get("authorization", "") != f"Bearer {api_key}":
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        # The scheme is case-insensitive (RFC 7235). Headers arrive decoded as latin-1, so
+        # encoding back gives the bytes sent; compare_digest takes as long for any wrong key.
+        sent = key.strip().encode("latin-1")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(sent, api_key.encode()):
             raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')")
+
+    def error_response(
+        request: Request, e: APIError, headers: dict[str, str] | None = None
+    ) -> JSONResponse:
+        """OpenAI's error shape; the errors of /v1/completions are counted for /metrics."""
+        if request.url.path == "/v1/completions":
+            count(e.status)
+        response = e.response()
+        response.headers.update(headers or {})  # e.g. 405's Allow
+        return response
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
-        if request.url.path == "/v1/completions":
-            count(e.status)
-        return e.response()
+        return error_response(request, e)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        """Unknown routes (404) and methods (405) in OpenAI's error shape, not Starlette's."""
+        error = APIError(e.status_code, f"{e.detail}: {request.method} {request.url.path}")
+        return error_response(request, error, e.headers)
 
     @app.exception_handler(Exception)
     async def crash(request: Request, e: Exception) -> JSONResponse:
-        return APIError(500, f"internal error: {type(e).__name__}", code="server_error").response()
+        error = APIError(500, f"internal error: {type(e).__name__}", code="server_error")
+        return error_response(request, error)
 
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> str:
@@ -103,11 +126,26 @@ def create_app(
         ok = scheduler.alive
         return JSONResponse({"status": "ok" if ok else "down"}, status_code=200 if ok else 503)
 
+    card = {
+        "id": model_name,
+        "object": "model",
+        "created": created,
+        "owned_by": "gptkit",
+        "max_model_len": context,
+    }
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         check_key(request)
-        card = {"id": model_name, "object": "model", "created": created, "owned_by": "gptkit"}
-        return {"object": "list", "data": [{**card, "max_model_len": context}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_card(request: Request, model_id: str) -> dict[str, Any]:
+        """What `client.models.retrieve` asks for."""
+        check_key(request)
+        if model_id != model_name:
+            raise APIError(404, f"model {model_id!r} not found", "model", "model_not_found")
+        return card
 
     @app.post("/v1/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:
@@ -126,11 +164,19 @@ def create_app(
     async def completions(request: Request) -> Any:
         check_key(request)
         req = parse(CompletionRequest, await read_json(request))
+        refuse_unsupported(req)
         if req.model is not None and req.model != model_name:
             raise APIError(404, f"model {req.model!r} not found", "model", "model_not_found")
         prompts = prompt_ids(req, tokenizer, vocab)
         params = sampling_params(req, max(map(len, prompts)), context)
         n = 1 if req.n is None else req.n
+        most = scheduler.max_queue + scheduler.max_batch
+        if len(prompts) * n > most:  # a 429 would be retried in vain
+            raise APIError(
+                400,
+                f"{len(prompts)} prompts x n={n} sequences; this server holds at most {most}",
+                param="n",
+            )
         stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
         events: asyncio.Queue = asyncio.Queue()
         seqs, choices = [], []
@@ -150,7 +196,6 @@ def create_app(
             scheduler.submit(seqs)
         except QueueFull:
             raise APIError(429, "the server is busy; retry shortly", code="queue_full") from None
-        count(200)
         meta = {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
@@ -163,8 +208,12 @@ def create_app(
         }
         run = Run(seqs, choices, events, want_logprobs=req.logprobs is not None)
         if req.stream:
+            count(200)  # the status goes out with the first chunk; errors come later
             return EventStream(run, meta)
         await run.wait(request)
+        if failed := [c for c in choices if c.finish_reason == "error"]:
+            raise APIError(500, f"generation failed: {failed[0].error}", code="server_error")
+        count(200)
         usage["completion_tokens"] = sum(len(c.ids) for c in choices)
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         body = [
@@ -265,7 +314,7 @@ class Run:
                 self.seqs[index].cancel()
                 self.open -= 1
         else:
-            choice.finish(ev.reason)
+            choice.finish(ev.reason, ev.message)
             self.open -= 1
         return choice
 
