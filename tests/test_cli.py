@@ -282,3 +282,57 @@ def test_metrics_lines(trained: Path) -> None:
     assert len(train_lines) == 10
     assert {"step", "train_loss", "lr", "tokens_per_sec"} <= set(train_lines[0])
     assert any("val_loss" in x for x in lines)
+
+
+def test_unwritable_outputs_are_one_line(capsys, prepared: Path, tmp_path: Path) -> None:
+    """Guards NotADirectoryError tracebacks for an --out below a regular file (the same
+    path as a read-only file system or a full disk; a file blocks root too)."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a directory")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(CORPUS)
+    code, _, err = run_cli(capsys, "prepare", corpus, "--out", blocker / "sub")
+    assert_one_line_error(code, err, "cannot write", "Not a directory")
+    code, _, err = run_cli(
+        capsys, "train", "--data", prepared, "--out", blocker / "run", *TINY, "--max-steps", "1"
+    )
+    assert_one_line_error(code, err, "cannot write", "afile")
+
+
+def test_train_data_that_is_a_file(capsys, tmp_path: Path) -> None:
+    """Guards `train --data small.txt` saying the data directory "does not exist"."""
+    (tmp_path / "small.txt").write_text(CORPUS)
+    code, _, err = run_cli(
+        capsys, "train", "--data", tmp_path / "small.txt", "--out", tmp_path / "r"
+    )
+    assert_one_line_error(code, err, "small.txt is a file", "gptkit prepare")
+
+
+@pytest.mark.parametrize("command", ["sample", "eval", "explain", "serve"])
+@pytest.mark.parametrize("device", ["tpu", "cuda"])
+def test_unusable_device_is_one_line(capsys, trained: Path, command: str, device: str) -> None:
+    """Guards `--device cuda` without CUDA (AssertionError: Torch not compiled with CUDA
+    enabled) and `--device tpu` (RuntimeError) as tracebacks; train already checked it."""
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    extra = {"eval": [trained / "config.json"], "explain": ["--prompt", "To be"]}
+    code, _, err = run_cli(capsys, command, trained, *extra.get(command, []), "--device", device)
+    assert_one_line_error(code, err, repr(device))
+
+
+@pytest.mark.parametrize("seed", [str(2**64), "99999999999999999999999", str(-(2**63) - 1)])
+def test_sample_seed_out_of_range(capsys, trained: Path, seed: str) -> None:
+    """Guards a ValueError traceback ("Overflow when unpacking long long") from manual_seed."""
+    code, out, err = run_cli(capsys, "sample", trained, "--seed", seed)
+    assert_one_line_error(code, err, "--seed")
+    assert out == ""
+
+
+def test_sample_unknown_character_prints_nothing(capsys, trained: Path) -> None:
+    """Guards the prompt reaching stdout before the error for a character a char model
+    lacks: a pipe would get text and a failure."""
+    code, out, err = run_cli(capsys, "sample", trained, "--prompt", "héllo")
+    assert_one_line_error(code, err, "'é'")
+    assert out == ""

@@ -160,6 +160,57 @@ def test_failed_prepare_keeps_previous_outputs(tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+@pytest.mark.parametrize("held", ["config.json", "model.safetensors", "train_state.pt"])
+def test_prepare_refuses_a_model_or_run_directory(tmp_path, held):
+    """Guards `prepare --out RUN` replacing a trained model's tokenizer.json: the run's
+    vocabulary would be lost and its weights no longer decode."""
+    run = tmp_path / "run"
+    write(run / held, "{}")
+    write(run / "tokenizer.json", "the model's own")
+    with pytest.raises(GptkitError, match=f"holds a model or run \\({held}\\)"):
+        prepare([str(write(tmp_path / "a.txt", DOC_A))], str(run), "char", progress=False)
+    assert (run / "tokenizer.json").read_text() == "the model's own"
+
+
+def test_empty_paths_are_not_the_current_directory(tmp_path, monkeypatch):
+    """Guards '' meaning '.': `prepare ''` walked the whole working directory and
+    `--out ''` wrote train.bin and friends into it."""
+    monkeypatch.chdir(tmp_path)
+    src = str(write(tmp_path / "a.txt", DOC_A))
+    with pytest.raises(GptkitError, match="input path is empty"):
+        prepare([""], str(tmp_path / "out"), "char", progress=False)
+    with pytest.raises(GptkitError, match="output directory is empty"):
+        prepare([src], "", "char", progress=False)
+    with pytest.raises(GptkitError, match="unknown tokenizer ''"):
+        prepare([src], str(tmp_path / "out"), "", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_unwritable_output_is_one_error(tmp_path):
+    """Guards NotADirectoryError tracebacks for an --out below a regular file (any OS
+    refusal: read-only file system, permissions, a full disk)."""
+    blocker = write(tmp_path / "afile", "not a directory")
+    src = str(write(tmp_path / "a.txt", DOC_A))
+    with pytest.raises(GptkitError, match="cannot write .*afile/sub: Not a directory"):
+        prepare([src], str(blocker / "sub"), "char", progress=False)
+
+
+def test_disk_full_while_encoding_is_one_error(tmp_path, monkeypatch):
+    """Guards an OSError traceback when the token stream cannot be written (ENOSPC), and
+    the stream's temporary file being left behind."""
+    out = tmp_path / "out"
+    src = str(write(tmp_path / "a.txt", DOC_A))
+
+    def full(tok, sources, errors, f, dtype, bar):
+        f.write(b"\0" * 10)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(data, "_encode_corpus", full)
+    with pytest.raises(GptkitError, match="cannot write .*out: No space left on device"):
+        prepare([src], str(out), "char", progress=False)
+    assert os.listdir(out) == []
+
+
 def test_progress_goes_to_stderr_and_can_be_disabled(tmp_path, capfd):
     """Guards a progress bar on stdout (breaks pipes) or one that ignores progress=False."""
     src = str(write(tmp_path / "a.txt", DOC_A))
@@ -239,8 +290,23 @@ def test_open_split_size_mismatch(tmp_path):
         open_split(d, "val")
 
 
+def test_empty_train_split_is_refused_and_keeps_previous_outputs(tmp_path):
+    """Guards --val-fraction 0.9999999 reporting '0 train + N val tokens' with status 0
+    (and replacing a good prepared directory with one that cannot train)."""
+    src, out = str(write(tmp_path / "a.txt", DOC_A)), tmp_path / "out"
+    prepare([src], str(out), "char", progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(GptkitError, match="leaves none of the .* tokens.*smaller val_fraction"):
+        prepare([src], str(out), "char", val_fraction=0.9999999, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_load_meta_errors(tmp_path):
     """Guards tracebacks instead of 'run gptkit prepare' for missing or damaged data."""
+    text = write(tmp_path / "small.txt", DOC_A)  # `train --data small.txt`: not "missing"
+    with pytest.raises(GptkitError, match="small.txt is a file, not a directory.*prepare"):
+        load_meta(text)
+    text.unlink()
     with pytest.raises(GptkitError, match="does not exist.*gptkit prepare"):
         load_meta(tmp_path / "nowhere")
     with pytest.raises(GptkitError, match="missing.*gptkit prepare"):

@@ -145,3 +145,13 @@ def test_explain_missing_model_is_one_line(capsys, tmp_path: Path) -> None:
     """Guards a missing model directory surfacing as a traceback."""
     code, _, err = run_cli(capsys, "explain", tmp_path / "nope", "--prompt", PROMPT)
     assert_one_line_error(code, err)
+
+
+def test_explain_out_that_cannot_be_a_directory(capsys, gpt2_dir: Path, tmp_path: Path) -> None:
+    """Guards a FileExistsError traceback for `--out afile` (after the model ran)."""
+    (tmp_path / "afile").write_text("not a directory")
+    code, _, err = run_cli(
+        capsys, "explain", gpt2_dir, "--prompt", PROMPT, "--out", tmp_path / "afile"
+    )
+    assert_one_line_error(code, err, "cannot write", "not a directory")
+    assert (tmp_path / "afile").read_text() == "not a directory"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,16 @@ def test_sample_on_a_hugging_face_directory(capsys, tmp_path: Path) -> None:
     assert out == tok.decode(expected[0].tolist()) + "\n"
 
 
+def test_explain_on_a_hugging_face_directory(capsys, tmp_path: Path) -> None:
+    """Guards `explain HF_DIR` failing with "unknown GPTConfig fields" while sample and
+    eval take the same directory."""
+    src = save_hf(_hf_model(SHAPES[3]), tmp_path / "hf")
+    capsys.readouterr()  # save_pretrained's progress bar
+    code, out, err = run_cli(capsys, "explain", src, "--prompt", "Hello world", "--top-k", "3")
+    assert code == 0, err
+    assert "8. next token" in out
+
+
 def test_cli_convert_both_ways_with_gpt2_tokenizer(capsys, tmp_path: Path) -> None:
     """Guards the CLI path and the tokenizer files: HF's GPT2TokenizerFast reads our export."""
     src = save_hf(_hf_model(SHAPES[3]), tmp_path / "hf")
@@ -239,6 +250,47 @@ def test_conversion_errors_are_one_line(capsys, tmp_path: Path) -> None:
     assert_one_line_error(code, err, "must differ")
     code, _, err = run_cli(capsys, "convert", tmp_path / "good", ours)
     assert_one_line_error(code, err, "already holds a model")
+
+
+@pytest.mark.parametrize("held", ["tokenizer.json", "meta.json"])
+def test_convert_refuses_a_prepared_data_directory(capsys, tmp_path: Path, held: str) -> None:
+    """Guards `convert SRC DATA` silently replacing prepared data's tokenizer.json: the
+    token files would then be trained with another vocabulary."""
+    src = save_hf(_hf_model(SHAPES[3]), tmp_path / "hf")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / held).write_text("prepared")
+    capsys.readouterr()  # save_pretrained's progress bar
+    code, _, err = run_cli(capsys, "convert", src, data)
+    assert_one_line_error(code, err, "already holds", held)
+    assert [p.name for p in data.iterdir()] == [held]
+    assert (data / held).read_text() == "prepared"
+
+
+def test_convert_to_an_unwritable_place_is_one_line(capsys, tmp_path: Path) -> None:
+    """Guards a NotADirectoryError traceback for OUT below a regular file, both ways."""
+    ours = tmp_path / "ours"
+    save_model(ours, GPT(tiny_config("gpt2")))
+    (tmp_path / "afile").write_text("not a directory")
+    code, _, err = run_cli(capsys, "convert", ours, tmp_path / "afile" / "sub", "--to", "hf")
+    assert_one_line_error(code, err, "cannot write", "afile")
+    src = save_hf(_hf_model(SHAPES[0]), tmp_path / "hf")
+    capsys.readouterr()  # save_pretrained's progress bar
+    code, _, err = run_cli(capsys, "convert", src, tmp_path / "afile" / "sub")
+    assert_one_line_error(code, err, "cannot write", "afile")
+
+
+def test_model_safetensors_gets_the_users_umask(tmp_path: Path) -> None:
+    """Guards model.safetensors being 0600 when every other file follows the umask:
+    safetensors' save_file recreates the temporary file instead of writing into it."""
+    old = os.umask(0o022)
+    try:
+        save_model(tmp_path / "run", GPT(tiny_config("gpt2")))
+        convert_dir(tmp_path / "run", tmp_path / "hf", "hf")
+    finally:
+        os.umask(old)
+    for file in (tmp_path / "run" / "model.safetensors", tmp_path / "hf" / "model.safetensors"):
+        assert file.stat().st_mode & 0o777 == 0o644, file
 
 
 def test_sharded_safetensors_import(tmp_path: Path) -> None:

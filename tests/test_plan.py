@@ -148,3 +148,17 @@ def test_plan_command(capsys):
     assert main(["plan", "gpt2", "--gpus", "1", "--tokens", "lots"]) == 2
     with pytest.raises(GptkitError):
         estimate(GPTConfig.from_preset("gpt2"), gpus=0)
+
+
+def test_plan_small_runs_are_not_zero(capsys):
+    """Guards --tokens 1e-5 being accepted, and small runs shown as "0.0 minutes wall,
+    0 GPU-hours"."""
+    assert main(["plan", "gpt2", "--gpus", "1", "--tokens", "1e-5"]) == 2
+    assert "--tokens must be at least 1" in capsys.readouterr().err
+    for argv, expected in [
+        (["--gpus", "1", "--tokens", "1M"], "2.2 seconds wall, 0.0006 GPU-hours"),
+        (["--gpus", "8", "--tokens", "1B"], "4.5 minutes wall, 0.6 GPU-hours"),
+    ]:
+        assert main(["plan", "gpt2", *argv]) == 0
+        time_line = capsys.readouterr().out.splitlines()[-1]
+        assert time_line.endswith(expected), time_line

@@ -27,9 +27,12 @@ import sys
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from gptkit.errors import GptkitError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def prepare(
@@ -66,9 +69,11 @@ def prepare(
 def train(**options: Any) -> None:
     """Train a GPT on prepared data; checkpoints, metrics and loss.png go to --out."""
     from gptkit.config import TrainConfig
-    from gptkit.train import train as run_training
+    from gptkit.train import train_until_stopped
 
-    run_dir = run_training(TrainConfig(**options), progress=_interactive())
+    run_dir, signum = train_until_stopped(TrainConfig(**options), progress=_interactive())
+    if signum is not None:  # saved, and told how to resume; but the run did not finish
+        raise SystemExit(128 + signum)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
         print(f"run saved in {run_dir}; sample it with: gptkit sample {run_dir}")
 
@@ -108,13 +113,17 @@ def sample(
     from gptkit.model import KV_CACHE_DTYPES
     from gptkit.quantize import quantize_model
 
+    device = _device(device)
     validate_sampling(max_new_tokens, temperature, top_k, top_p)
     if num_samples < 1:
         raise GptkitError(f"--num-samples must be >= 1, got {num_samples}")
+    if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
+        raise GptkitError(f"--seed must be in [{SEED_MIN}, {SEED_MAX}], got {seed}")
     model, tokenizer = load(run, device=device)
     model = quantize_model(model, weights)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else torch.seed())
+    tokenizer.encode(prompt)  # a character a char vocabulary lacks: fail before any output
     for i in range(num_samples):
         if num_samples > 1:
             print(f"{'-' * 20} sample {i + 1} {'-' * 20}", flush=True)
@@ -165,6 +174,7 @@ def evaluate(
     from gptkit.evaluate import EvalResult, evaluate_files, format_result
     from gptkit.hf import load
 
+    device = _device(device)
     loaded, tokenizer = load(model, device=device)
     results = evaluate_files(loaded, tokenizer, files, context_length, stride, batch_size)
     for name, result in results:
@@ -200,6 +210,7 @@ def serve(
     """
     from gptkit.serve import serve as run_server
 
+    device = str(_device(device))
     if max_batch < 1 or max_queue < 0:
         raise GptkitError("--max-batch must be >= 1 and --max-queue >= 0")
     if not 0 <= port <= 65535:
@@ -216,7 +227,7 @@ def demo(
     """Train a small spec-style GPT on this machine in minutes, then print samples.
 
     Args:
-        data: your own text (files, directories, globs); default: Python's standard library
+        data: your own text: one file, directory or glob; default: Python's standard library
         out: run directory (the prepared data goes in OUT/data)
         minutes: training time budget
         seed: random seed for training and sampling
@@ -238,16 +249,17 @@ def explain(
     """Show the model's steps on a prompt: tokens, embeddings, attention, norms, FFN, next token.
 
     Args:
-        model: run or model directory (config.json, model.safetensors, tokenizer.json)
+        model: run or model directory, or a Hugging Face GPT-2 directory
         prompt: text to run through the model (at most its context length in tokens)
         out: directory for attention.png, norms_and_top.png and a self-contained explain.html
         top_k: how many of the most likely next tokens to list
         top_p: mark the smallest set of next tokens whose probability reaches P (the top-p cut)
         device: cpu, cuda, or cuda:N
     """
-    from gptkit.checkpoint import load
     from gptkit.explain import check_cut, explain, render_text, write_report
+    from gptkit.hf import load  # gptkit or Hugging Face directories
 
+    device = _device(device)
     check_cut(top_k, top_p)  # option mistakes before the (slow) model load
     net, tokenizer = load(model, device=device)
     ex = explain(net, tokenizer, prompt, top_k, top_p)
@@ -314,6 +326,17 @@ def plan(
         config, gpus, gpu, count, mfu, strategy, micro_batch, activation_checkpointing, dtype
     )
     print(report(p, preset, tokens_given=tokens is not None))
+
+
+# What torch.Generator.manual_seed accepts (it wraps negative seeds modulo 2**64).
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+def _device(name: str) -> torch.device:
+    """The device `name` names, checked first: an unusable one is a one-line error."""
+    from gptkit.train import resolve_device
+
+    return resolve_device(name)
 
 
 def _interactive() -> bool:

@@ -33,7 +33,14 @@ import numpy as np
 import torch
 
 from gptkit.errors import GptkitError
-from gptkit.fileio import atomic_open, atomic_write_json, atomic_write_with, temp_file
+from gptkit.fileio import (
+    atomic_open,
+    atomic_write_json,
+    atomic_write_with,
+    cannot_write,
+    make_dir,
+    temp_file,
+)
 from gptkit.tokenizer import KINDS, SAFE_CUT, Tokenizer, build_tokenizer, load_tokenizer
 
 META_FILE = "meta.json"
@@ -46,6 +53,9 @@ DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 CHUNK_BYTES = 4 << 20  # read size; bounds memory together with MAX_CARRY_CHARS
 MAX_CARRY_CHARS = 16 << 20  # text with no safe cut point is cut anyway past this length
 SNIFF_BYTES = 8192  # a NUL byte in this prefix marks a file as binary
+# Files that make a directory a model or a run (checkpoint.py's names, not imported: data
+# needs no model code). prepare's tokenizer.json would replace the model's own there.
+MODEL_FILES = ("config.json", "model.safetensors", "train_state.pt")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -78,6 +88,8 @@ def find_sources(
 
 def _expand(item: str) -> Iterator[tuple[Path, bool]]:
     """(path, named explicitly) pairs for one input argument."""
+    if not item:  # Path("") is the current directory: it would be walked silently
+        raise GptkitError("an input path is empty; name a text file, directory or pattern")
     path = Path(item)
     if path.is_dir():
         yield from ((p, False) for p in _walk(path))
@@ -223,18 +235,21 @@ def prepare(
     its directory), to encode new data exactly as an earlier run did. The validation split
     is the tail of the token stream. Returns the meta.json content.
     """
+    if not str(out):  # Path("") is the current directory
+        raise GptkitError("the output directory is empty; give --out a directory name")
     out_dir = Path(out)
     _check_args(tokenizer, vocab_size, val_fraction, errors, out_dir)
     sources = find_sources(inputs, exclude=out_dir)
     n_bytes = sum(p.stat().st_size for p in sources)
     tok = _make_tokenizer(tokenizer, vocab_size, sources, errors, n_bytes, progress)
     dtype = token_dtype(tok.vocab_size)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, stream = temp_file(out_dir / "tokens")  # becomes train.bin: the user's umask
+    make_dir(out_dir)
+    fd, stream = temp_file(out_dir / "train.bin")  # becomes train.bin: the user's umask
     try:
         with os.fdopen(fd, "wb") as f, _progress(n_bytes, "encoding", progress) as bar:
             total = _encode_corpus(tok, sources, errors, f, DTYPES[dtype], bar)
         n_train, n_val = split_sizes(total, val_fraction)
+        _check_train_split(n_train, total, val_fraction)  # before any output is replaced
         meta = {
             "version": META_VERSION,
             "tokenizer": tok.kind,
@@ -248,6 +263,8 @@ def prepare(
             "bytes": n_bytes,
         }
         _write_outputs(out_dir, stream, meta, tok)
+    except OSError as e:  # writing the token stream (a full disk); reading raises GptkitError
+        raise cannot_write(out_dir, e) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(stream)
@@ -258,7 +275,7 @@ def _check_args(
     tokenizer: str, vocab_size: int | None, val_fraction: float, errors: str, out_dir: Path
 ) -> None:
     """Fail on bad arguments before reading any input."""
-    if tokenizer not in KINDS and not Path(tokenizer).exists():
+    if tokenizer not in KINDS and (not tokenizer or not Path(tokenizer).exists()):
         raise GptkitError(
             f"unknown tokenizer {tokenizer!r}; choose one of: {', '.join(KINDS)}, "
             "or give the path of a tokenizer.json"
@@ -271,6 +288,22 @@ def _check_args(
         raise GptkitError(f"errors must be 'strict' or 'replace', got {errors!r}")
     if out_dir.exists() and not out_dir.is_dir():
         raise GptkitError(f"output {out_dir} exists and is not a directory")
+    held = [name for name in MODEL_FILES if (out_dir / name).exists()]
+    if held:
+        raise GptkitError(
+            f"output {out_dir} holds a model or run ({held[0]}); its tokenizer.json would be "
+            "replaced: prepare the data into another directory"
+        )
+
+
+def _check_train_split(n_train: int, total: int, val_fraction: float) -> None:
+    # Known only once the corpus is encoded; an empty train split would "succeed" (status 0)
+    # and leave the failure to `gptkit train`.
+    if n_train == 0:
+        raise GptkitError(
+            f"val_fraction {val_fraction} leaves none of the {total:,} tokens for training; "
+            "use a smaller val_fraction"
+        )
 
 
 def _make_tokenizer(
@@ -349,6 +382,11 @@ def _progress(total: int, desc: str, enabled: bool) -> Iterator[Any]:
 def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
     """The meta.json of a prepared directory, checked for the keys other code relies on."""
     path = Path(data_dir) / META_FILE
+    if Path(data_dir).is_file():  # text given where its prepared directory belongs
+        raise GptkitError(
+            f"{data_dir} is a file, not a directory made by `gptkit prepare`; run "
+            f"`gptkit prepare {data_dir} --out DIR` and use DIR"
+        )
     if not Path(data_dir).is_dir():
         raise GptkitError(f"data directory {data_dir} does not exist; run `gptkit prepare` first")
     try:

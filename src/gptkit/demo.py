@@ -8,6 +8,7 @@ runs, so a first run needs no download. `--data` trains on the user's text inste
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ _SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip"}
 DEMO_MODEL = dict(n_layer=4, n_head=4, d_model=128, context_length=256)
 _SAMPLE_TOKENS = 250  # within the context, so every step uses the KV cache
 _SAMPLE_SECONDS = 30  # kept back from the budget for sampling
+_MIN_TRAIN_SECONDS = 10.0  # trained at least this long, whatever --minutes leaves
+_VAL_FRACTION = 0.05
 _BATCH_SIZE = 8
 _TIMED_STEPS = 6  # steps timed (after 2 untimed) to size the schedule to the budget
 
@@ -33,12 +36,13 @@ def run_demo(data: str | None, out: str, minutes: float, seed: int) -> Path:
     from gptkit.config import TrainConfig
     from gptkit.data import prepare
     from gptkit.errors import GptkitError
+    from gptkit.fileio import make_dir
     from gptkit.train import train
 
-    if minutes <= 0:
-        raise GptkitError(f"--minutes must be > 0, got {minutes}")
+    if not 0 < minutes < math.inf:  # also refuses nan, which fails every comparison
+        raise GptkitError(f"--minutes must be a finite number > 0, got {minutes}")
     start = time.monotonic()
-    run_dir, data_dir = Path(out), Path(out) / "data"
+    run_dir, data_dir = make_dir(out), Path(out) / "data"  # unwritable: fail before preparing
     if (run_dir / "model.safetensors").exists():
         print(
             f"{run_dir} already holds a trained demo model: sampling it "
@@ -51,14 +55,15 @@ def run_demo(data: str | None, out: str, minutes: float, seed: int) -> Path:
         print(f"preparing {len(inputs)} input(s) into {data_dir} ...", file=sys.stderr)
         errors = "replace" if data is None else "strict"  # a few stdlib files are not UTF-8
         progress = sys.stderr.isatty()
-        prepare(inputs, str(data_dir), "char", None, 0.05, errors, progress=progress)
+        prepare(inputs, str(data_dir), "char", None, _VAL_FRACTION, errors, progress=progress)
+        _check_corpus_length(data_dir, data)
         # 2. train for what is left of the budget: time a few steps first, so that the
         # cosine schedule can decay to its floor just as the budget runs out
         budget = minutes * 60 - (time.monotonic() - start) - _SAMPLE_SECONDS
-        steps = _steps_within(max(budget, 10.0), data_dir, batch_size=_BATCH_SIZE, seed=seed)
+        budget = max(budget, _MIN_TRAIN_SECONDS)
+        steps = _steps_within(budget, data_dir, batch_size=_BATCH_SIZE, seed=seed)
         print(
-            f"training a {DEMO_MODEL['n_layer']}-layer seed-family GPT for "
-            f"{budget / 60:.1f} minutes ...",
+            f"training a {DEMO_MODEL['n_layer']}-layer seed-family GPT for {_duration(budget)} ...",
             file=sys.stderr,
         )
         cfg = TrainConfig(
@@ -71,7 +76,7 @@ def run_demo(data: str | None, out: str, minutes: float, seed: int) -> Path:
             min_lr=2e-4,
             warmup_steps=min(100, steps // 10),
             max_steps=steps,
-            max_time=max(budget, 10.0),  # the safety stop if the machine slows down
+            max_time=budget,  # the safety stop if the machine slows down
             eval_every=500,
             eval_steps=10,
             save_every=1000,
@@ -84,6 +89,25 @@ def run_demo(data: str | None, out: str, minutes: float, seed: int) -> Path:
         run_dir, prompts=["def ", "class ", "import "] if data is None else [""], seed=seed
     )
     return run_dir
+
+
+def _check_corpus_length(data_dir: Path, data: str | None) -> None:
+    """Both splits must hold a window of the demo's context; the demo has no flag to shorten it."""
+    from gptkit.data import load_meta
+    from gptkit.errors import GptkitError
+
+    meta, window = load_meta(data_dir), DEMO_MODEL["context_length"] + 1
+    if min(meta["train_tokens"], meta["val_tokens"]) < window:
+        # The validation split is the smaller one: it needs `window` characters.
+        need = math.ceil(window / _VAL_FRACTION)
+        raise GptkitError(
+            f"{data or 'the corpus'} has {meta['train_tokens'] + meta['val_tokens']:,} "
+            f"characters, too few for the demo (about {need:,} are needed); give --data more text"
+        )
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} seconds" if seconds < 90 else f"{seconds / 60:.1f} minutes"
 
 
 def _steps_within(seconds: float, data_dir: Path, batch_size: int, seed: int) -> int:

@@ -155,6 +155,16 @@ def evaluate_texts(
     `context_length` defaults to the model's, `stride` to half of it (the HF guide's
     512 of 1024).
     """
+    context_length, stride = _window_sizes(model, context_length, stride)
+    total = EvalResult(0.0, 0, 0)
+    for text in texts:
+        ids = _document_ids(tokenizer, text)
+        total = total + _evaluate_ids(model, ids, text, context_length, stride, batch_size)
+    return total
+
+
+def _window_sizes(model: GPT, context_length: int | None, stride: int | None) -> tuple[int, int]:
+    """(context length, stride) with their defaults filled in; GptkitError when out of range."""
     n_ctx = model.config.context_length
     context_length = n_ctx if context_length is None else context_length
     if not 2 <= context_length <= n_ctx:
@@ -165,17 +175,26 @@ def evaluate_texts(
             f"stride must be in [1, {context_length - 1}] (below the context length "
             f"{context_length}), got {stride}"
         )
-    total = EvalResult(0.0, 0, 0)
-    for text in texts:
-        ids = [tokenizer.eot_id, *tokenizer.encode(text)]
-        nll, n = sequence_nll(model, ids, context_length, stride, batch_size)
-        total = total + EvalResult(nll, n, len(text.encode("utf-8")))
-    return total
+    return context_length, stride
+
+
+def _document_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """A document's ids, after the end-of-text that marks where it begins."""
+    return [tokenizer.eot_id, *tokenizer.encode(text)]
+
+
+def _evaluate_ids(
+    model: GPT, ids: list[int], text: str, context_length: int, stride: int, batch_size: int
+) -> EvalResult:
+    nll, n = sequence_nll(model, ids, context_length, stride, batch_size)
+    return EvalResult(nll, n, len(text.encode("utf-8")))
 
 
 def read_text_file(path: str | os.PathLike) -> str:
     """The UTF-8 text of `path`; a one-line GptkitError for a missing, binary or empty file."""
     path = Path(path)
+    if path.is_dir():
+        raise GptkitError(f"{path} is a directory, not a text file; name the files in it")
     if not path.is_file():
         raise GptkitError(f"text file not found: {path}")
     data = path.read_bytes()
@@ -198,10 +217,16 @@ def evaluate_files(
 ) -> list[tuple[str, EvalResult]]:
     """[(file, its result)] for each file; every file is read and checked before any is scored."""
     texts = [read_text_file(f) for f in files]
-    return [
-        (str(f), evaluate_texts(model, tokenizer, [t], context_length, stride, batch_size))
-        for f, t in zip(files, texts, strict=True)
-    ]
+    context_length, stride = _window_sizes(model, context_length, stride)
+    results = []
+    for f, text in zip(files, texts, strict=True):
+        try:
+            ids = _document_ids(tokenizer, text)
+        except GptkitError as e:  # a char vocabulary meeting a character it lacks: say where
+            raise GptkitError(f"{f}: {e}") from None
+        result = _evaluate_ids(model, ids, text, context_length, stride, batch_size)
+        results.append((str(f), result))
+    return results
 
 
 def format_result(name: str, r: EvalResult) -> str:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from gptkit.errors import GptkitError
-from gptkit.fileio import atomic_path, atomic_write_text
+from gptkit.fileio import atomic_path, atomic_write_text, make_dir
 from gptkit.generate import top_k_filter, top_p_filter
 from gptkit.model import GPT
 
@@ -421,8 +421,7 @@ def render_html(ex: Explanation, images: list[Path]) -> str:
 
 def write_report(ex: Explanation, out: str | Path) -> list[Path]:
     """attention.png, norms_and_top.png and explain.html (self-contained) in `out`."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(out)  # a GptkitError where it cannot be a directory
     images = [out / "attention.png", out / "norms_and_top.png"]
     plot_attention(ex, images[0])
     plot_norms_and_top(ex, images[1])

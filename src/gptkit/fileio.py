@@ -1,7 +1,9 @@
 """Atomic file writes: temporary file in the same directory, fsync, rename.
 
 A reader (or a process killed at any instant) sees either the old file or the new one,
-never a torn write. Every file gptkit writes for a user goes through here.
+never a torn write. Every file gptkit writes for a user goes through here, and so does
+every output directory: a location that cannot be written (a path below a regular file,
+a read-only file system, a full disk) is a one-line GptkitError, not a traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from gptkit.errors import GptkitError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -21,10 +25,34 @@ def _umask() -> int:
     return mask
 
 
+def _file_mode() -> int:
+    return 0o666 & ~_umask()
+
+
+def cannot_write(path: str | os.PathLike, e: OSError) -> GptkitError:
+    """The one-line error for an output location the OS refused."""
+    return GptkitError(f"cannot write {path}: {e.strerror or e}")
+
+
+def make_dir(path: str | os.PathLike) -> Path:
+    """`mkdir -p path`; a GptkitError when it cannot be (or is not) a directory."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():  # mkdir's "File exists" would not say why
+        raise GptkitError(f"cannot write {path}: it exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # below a regular file, read-only, permission denied
+        raise cannot_write(path, e) from None
+    return path
+
+
 def temp_file(path: Path) -> tuple[int, str]:
     """A temporary file beside `path`, with the permissions a plain open() would give."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; users expect their umask
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise cannot_write(path, e) from None
+    os.fchmod(fd, _file_mode())  # mkstemp makes 0600; users expect their umask
     return fd, tmp
 
 
@@ -32,20 +60,25 @@ def temp_file(path: Path) -> tuple[int, str]:
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """A temporary file name; when the block succeeds, that file (fsynced) replaces `path`.
 
-    For writers that insist on a file name (safetensors, torch.save, savefig).
+    For writers that insist on a file name (safetensors, torch.save, savefig). An OSError
+    in the block (a full disk) becomes the one-line GptkitError of an unwritable `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent)
     fd, tmp = temp_file(path)
     os.close(fd)
     try:
         yield tmp
+        # Writers that recreate the file (safetensors' save_file) leave it 0600.
+        os.chmod(tmp, _file_mode())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise cannot_write(path, e) from None
         raise
     _fsync_dir(path.parent)
 

@@ -40,6 +40,7 @@ from gptkit.checkpoint import (
 )
 from gptkit.config import GPT2_VOCAB_SIZE, GPTConfig
 from gptkit.convert import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
+from gptkit.data import META_FILE
 from gptkit.errors import GptkitError
 from gptkit.fileio import atomic_write_json, atomic_write_with
 from gptkit.model import GPT
@@ -242,8 +243,12 @@ def convert_dir(src: str | os.PathLike, out: str | os.PathLike, to: str) -> str:
         raise GptkitError("OUT must differ from SRC: converting in place would mix both formats")
     if out.exists() and not out.is_dir():
         raise GptkitError(f"output {out} exists and is not a directory")
-    if (out / CONFIG_FILE).exists():  # overwriting a run dir's config would break the run
-        raise GptkitError(f"{out} already holds a model ({CONFIG_FILE}); choose a new directory")
+    # Converting writes config.json and tokenizer.json: a run or a prepared data directory
+    # (train reads its tokenizer.json) would silently get another model's files.
+    owned = {CONFIG_FILE: "a model", TOKENIZER_FILE: "a tokenizer", META_FILE: "prepared data"}
+    for name, what in owned.items():
+        if (out / name).exists():
+            raise GptkitError(f"{out} already holds {what} ({name}); choose a new directory")
     if to == "gptkit":
         if not is_hf_dir(src):
             raise GptkitError(

@@ -245,8 +245,8 @@ def estimate(
         raise GptkitError(f"--strategy must be ddp or fsdp, got {strategy!r}")
     if tokens is None:
         tokens = 20.0 * config.num_parameters()
-    if not (math.isfinite(tokens) and tokens > 0):
-        raise GptkitError(f"--tokens must be > 0, got {tokens}")
+    if not (math.isfinite(tokens) and tokens >= 1):  # 1e-5 parses, but is no training
+        raise GptkitError(f"--tokens must be at least 1, got {tokens:g}")
     memory = memory_per_device(config, gpus, strategy, micro_batch, dtype, activation_checkpointing)
     return Plan(
         config,
@@ -288,7 +288,14 @@ def _duration(seconds: float) -> str:
         return f"{seconds / 86400:.1f} days"
     if seconds >= 2 * 3600:
         return f"{seconds / 3600:.1f} hours"
-    return f"{seconds / 60:.1f} minutes"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} minutes"
+    return f"{seconds:.2g} seconds"  # a tiny run is not "0.0 minutes"
+
+
+def _gpu_hours(hours: float) -> str:
+    # Whole hours for real runs; two significant digits for small ones, never "0".
+    return f"{hours:,.0f}" if hours >= 10 else f"{hours:.2g}"
 
 
 def report(plan: Plan, preset: str, tokens_given: bool) -> str:
@@ -330,6 +337,6 @@ def report(plan: Plan, preset: str, tokens_given: bool) -> str:
         lines.append(f"  try: {', '.join(hints)}")
     lines += [
         f"time at {plan.mfu:.0%} MFU   {_duration(plan.seconds)} wall, "
-        f"{plan.gpu_hours:,.0f} GPU-hours",
+        f"{_gpu_hours(plan.gpu_hours)} GPU-hours",
     ]
     return "\n".join(lines)
