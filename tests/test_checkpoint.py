@@ -112,7 +112,7 @@ def test_failed_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
         raise OSError("No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", torn_write)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(GptkitError, match="No space"):
         save_model(path, GPT(tiny_config()))
     assert (path / "model.safetensors").read_bytes() == before
     assert not list(path.glob(".*.tmp"))
@@ -136,17 +136,18 @@ def test_kill_between_weights_and_config_renames_still_loads(tmp_path):
 
 def test_failed_train_state_write_keeps_the_old_state(tmp_path, monkeypatch):
     """Guards atomicity of train_state.pt: a torch.save that raises mid-way changes nothing."""
-    save_train_state(tmp_path, {"step": 3, "model": {"w": torch.ones(2)}})
+    save_train_state(tmp_path, full_state(step=3, model={"w": torch.ones(2)}))
 
     def torn_save(obj, f, *args, **kwargs):
         Path(f).write_bytes(b"PK\x03\x04 torn")
         raise RuntimeError("killed")
 
     monkeypatch.setattr(torch, "save", torn_save)
-    with pytest.raises(RuntimeError):
-        save_train_state(tmp_path, {"step": 4, "model": {}})
+    with pytest.raises(RuntimeError, match="killed"):
+        save_train_state(tmp_path, full_state(step=4, model={}))
     monkeypatch.undo()
     assert load_train_state(tmp_path)["step"] == 3
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_train_state_round_trip_with_weights_only(tmp_path):
@@ -158,7 +159,7 @@ def test_train_state_round_trip_with_weights_only(tmp_path):
     torch.manual_seed(5)
     random.seed(5)
     np.random.seed(5)
-    state = {"step": 7, "model": {"w": torch.arange(3.0)}, "rng": capture_rng(), "best": None}
+    state = full_state(step=7, model={"w": torch.arange(3.0)}, rng=capture_rng(), best=None)
     save_train_state(tmp_path, state)
     expected = (torch.rand(3).tolist(), random.random(), np.random.rand())
     torch.manual_seed(0)
@@ -168,6 +169,38 @@ def test_train_state_round_trip_with_weights_only(tmp_path):
     restore_rng(loaded["rng"])
     assert (torch.rand(3).tolist(), random.random(), np.random.rand()) == expected
     assert loaded["step"] == 7 and loaded["best"] is None
+
+
+def full_state(**values) -> dict:
+    """A training state holding every key resuming reads (placeholders unless given)."""
+    return {k: 0 for k in ckpt.TRAIN_STATE_KEYS} | {"version": ckpt.TRAIN_STATE_VERSION} | values
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(model_config=None), "is not a gptkit training state"),  # a key missing
+        (dict(version=99), "has version 99; this gptkit reads 1"),
+    ],
+)
+def test_foreign_train_states_are_refused(tmp_path, change, message):
+    """Guards --resume on a state another program or version wrote: one line, not a
+    KeyError in the middle of setting the run up."""
+    state = full_state() | change
+    torch.save({k: v for k, v in state.items() if v is not None}, tmp_path / "train_state.pt")
+    with pytest.raises(GptkitError, match=message):
+        load_train_state(tmp_path)
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused(tmp_path):
+    """Guards model directories whose tokenizer.json was replaced (another `prepare` or
+    `convert` into them): ids past the model's vocabulary would fail mid-generation."""
+    from gptkit.tokenizer import build_tokenizer
+
+    _, path = saved(tmp_path, vocab_size=5)
+    build_tokenizer("char", ["hello world"]).save(path)  # 9 tokens
+    with pytest.raises(GptkitError, match="has 9 tokens but the model only 5"):
+        load(path)
 
 
 def test_train_state_refuses_pickled_objects(tmp_path):

@@ -20,6 +20,8 @@ transformers = pytest.importorskip("transformers")
 HF_SHAPES = [
     dict(n_layer=2, n_head=2, n_embd=64, n_positions=32, vocab_size=101),
     dict(n_layer=2, n_head=4, n_embd=96, n_positions=48, vocab_size=257, n_inner=160),
+    # not GPT-2's 1e-5: every layer norm must take the config's epsilon
+    dict(n_layer=2, n_head=2, n_embd=64, n_positions=32, vocab_size=101, layer_norm_epsilon=1e-1),
 ]
 
 
@@ -196,5 +198,22 @@ def test_seed_preset_lists_every_reason() -> None:
 def test_config_from_hf_refuses_unsupported_variants(field: str, value) -> None:
     """Guards importing a GPT-2 variant whose maths we do not implement (wrong logits)."""
     hf_dict = transformers.GPT2Config().to_dict() | {field: value}
-    with pytest.raises(GptkitError):
+    with pytest.raises(GptkitError, match=field):
+        config_from_hf(hf_dict)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("n_head", 5, "d_model .* divisible by n_head"),  # 768 / 5
+        ("n_embd", "768", "unsupported Hugging Face config"),
+        ("resid_pdrop", 1.0, "dropout"),
+        ("n_inner", 0, "d_ff"),
+    ],
+)
+def test_config_from_hf_refuses_values_gptkit_cannot_build(field: str, value, message) -> None:
+    """Guards `convert`, `sample`, `eval` and `train --init-from` on a damaged or odd HF
+    config.json: one GptkitError naming the problem, not a ValueError traceback."""
+    hf_dict = transformers.GPT2Config().to_dict() | {field: value}
+    with pytest.raises(GptkitError, match=message):
         config_from_hf(hf_dict)

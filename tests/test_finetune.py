@@ -60,6 +60,9 @@ def test_starts_from_the_runs_weights_then_trains_and_resumes(source, tmp_path):
     assert resumed.step == 4
     assert all(torch.equal(state(resumed.model)[k], trained[k]) for k in trained)
     assert "--init-from" not in resume_command(again)
+    other = dataclasses.replace(again, init_from=str(tmp_path / "elsewhere"))
+    with pytest.raises(GptkitError, match="differs from the run's .*drop --init-from"):
+        setup(other)
     train(again, progress=False)
     assert load_model(run).config == start.model.config
 

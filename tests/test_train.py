@@ -8,6 +8,7 @@ a second of compute.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -204,6 +205,9 @@ def test_evaluate_full_is_the_token_weighted_mean(data):
         ).mean()
     got = evaluate_full(model, tokens, batch_size=4, context_length=16)
     assert got == pytest.approx(expected.item(), rel=1e-5)
+    model.train()
+    evaluate_full(model, tokens, batch_size=4, context_length=16)
+    assert model.training  # a mid-training evaluation hands the model back in train mode
 
 
 # --------------------------------------------------------------------------- learning
@@ -283,13 +287,54 @@ def test_the_log_reports_mfu_against_a_known_gpus_peak(data, tmp_path, monkeypat
         assert r["mfu"] == pytest.approx(per_token * r["tokens_per_sec"] / 1e9)
 
 
-def test_grad_accumulation_matches_a_big_batch(data, tmp_path):
-    """Guards the accumulation arithmetic (loss / grad_accum): 2 x B/2 == 1 x B, dropout 0."""
+def test_grad_accumulation_matches_a_big_batch(data, tmp_path, monkeypatch):
+    """Guards the accumulation arithmetic (loss / grad_accum): 2 x B/2 == 1 x B, dropout 0,
+    for the logged losses and for the gradients themselves (AdamW barely sees a gradient's
+    scale, so losses alone would not show a missing division)."""
     big = train(tiny(data, tmp_path / "big", batch_size=8, grad_accum=1), progress=False)
     acc = train(tiny(data, tmp_path / "acc", batch_size=4, grad_accum=2), progress=False)
     a, b = train_losses(big), train_losses(acc)
     assert [s for s, _ in a] == [s for s, _ in b]
     np.testing.assert_allclose([v for _, v in a], [v for _, v in b], rtol=1e-4)
+    unclipped = dict(grad_clip=0.0)  # clipping would hide a gradient's scale too
+    big_grads = first_step_gradients(
+        tiny(data, tmp_path / "g1", batch_size=8, **unclipped), monkeypatch
+    )
+    acc_grads = first_step_gradients(
+        tiny(data, tmp_path / "g2", batch_size=4, grad_accum=2, **unclipped), monkeypatch
+    )
+    for g1, g2 in zip(big_grads, acc_grads, strict=True):
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-7)
+
+
+def first_step_gradients(cfg: TrainConfig, monkeypatch) -> list[torch.Tensor]:
+    """The gradients the optimizer is handed at the first step of `cfg`'s run."""
+    run, seen = setup(cfg), []
+    monkeypatch.setattr(
+        train_mod.optim,
+        "step",
+        lambda opt: seen.extend(p.grad.clone() for p in run.model.parameters()),
+    )
+    train_mod.train_step(run, 1e-3)
+    return seen
+
+
+def test_gradients_are_clipped_to_grad_clip(data, tmp_path, monkeypatch):
+    """Guards --grad-clip: the optimizer sees a global gradient norm of at most the clip."""
+    unclipped = first_step_gradients(tiny(data, tmp_path / "a", grad_clip=0), monkeypatch)
+    assert torch.linalg.vector_norm(torch.stack([g.norm() for g in unclipped])) > 0.1
+    clipped = first_step_gradients(tiny(data, tmp_path / "b", grad_clip=1e-3), monkeypatch)
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in clipped]))
+    assert norm == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_each_step_trains_at_the_schedules_rate(data, tmp_path):
+    """Guards the step/schedule pairing: step s (1-based) trains with lr_at(s), so the first
+    step of a warm-up is not wasted at rate 0."""
+    cfg = tiny(data, tmp_path / "run", max_steps=8, warmup_steps=4)
+    logged = [(r["step"], r["lr"]) for r in metrics(train(cfg, progress=False)) if "lr" in r]
+    assert logged == [(s, lr_at(s, cfg)) for s in range(1, 9)]
+    assert logged[0][1] > 0
 
 
 def test_bfloat16_autocast_trains_with_fp32_parameters(data, tmp_path):
@@ -345,6 +390,12 @@ def test_resume_is_bit_identical_with_dropout(data, tmp_path, monkeypatch, capsy
     assert val_a == val_b
     wa, wb = load_model(straight).state_dict(), load_model(split).state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # The counters go on too: tokens seen, and training time (it never restarts from 0).
+    tokens = [[r["tokens"] for r in metrics(run) if "tokens" in r] for run in (straight, split)]
+    assert tokens[0] == tokens[1]
+    assert load_train_state(split)["tokens_seen"] == load_train_state(straight)["tokens_seen"]
+    times = [r["elapsed"] for r in metrics(split) if "train_loss" in r]
+    assert all(b >= a for a, b in itertools.pairwise(times))
 
 
 def test_resume_cuts_metrics_back_to_the_checkpoint(data, tmp_path):
@@ -448,6 +499,8 @@ def test_huge_learning_rate_diverges_cleanly(data, tmp_path):
         (dict(n_head=3), "divisible"),
         (dict(context_length=5000), "fewer than context_length"),
         (dict(max_time=0.0), "--max-time"),
+        (dict(seed=2**70), r"--seed must be in \[0, 2\*\*63\)"),
+        (dict(seed=-1), "--seed must be in"),
     ],
 )
 def test_bad_options_are_one_line_errors(data, tmp_path, overrides, message):
@@ -485,9 +538,57 @@ def test_fresh_run_never_overwrites_a_checkpoint(data, tmp_path):
     assert (run / "model.safetensors").read_bytes() == before
 
 
+def test_a_kill_during_the_first_save_leaves_a_run_that_resumes(data, tmp_path, monkeypatch):
+    """Guards the checkpoint's write order: the self-sufficient train_state.pt goes first,
+    so a run stopped before its weights file is written still resumes (weights first left a
+    directory that neither --resume nor a new run would take)."""
+    run = tmp_path / "run"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as a kill -9 would stop it, at the same point
+
+    with monkeypatch.context() as m:
+        m.setattr(train_mod.ckpt, "save_weights", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny(data, run, max_steps=3, save_every=2), progress=False)
+    assert load_train_state(run)["step"] == 2 and not (run / "model.safetensors").exists()
+    train(tiny(data, run, max_steps=3, save_every=2, resume=True), progress=False)
+    assert load_train_state(run)["step"] == 3 and load_model(run) is not None
+
+
+def test_a_new_run_is_refused_over_a_model_directory(data, tmp_path):
+    """Guards a converted or exported model directory used as --out by mistake: its weights
+    are never trained over, and the message does not send the user to --resume."""
+    from gptkit.checkpoint import save_model
+
+    save_model(tmp_path / "model", GPT(GPTConfig.from_preset("seed-tiny", vocab_size=24)))
+    before = (tmp_path / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(GptkitError, match="holds model weights but no train_state.pt") as e:
+        train(tiny(data, tmp_path / "model"), progress=False)
+    assert "--init-from" in str(e.value)
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == before
+
+
+def test_resume_reports_only_the_options_that_changed(data, tmp_path, capsys):
+    """Guards the 'changed options' line: model flags left out on --resume (the checkpoint
+    keeps its model) are not changes; a training option that differs is."""
+    run = train(tiny(data, tmp_path / "run", max_steps=3), progress=False)
+    capsys.readouterr()
+    model_flags_dropped = dict(preset=None, n_layer=None, n_head=None, d_model=None)
+    resumed = tiny(
+        data, run, max_steps=5, resume=True, context_length=None, lr=2e-3, **model_flags_dropped
+    )
+    train(resumed, progress=False)
+    err = capsys.readouterr().err
+    assert "changed options: --lr 0.003 -> 0.002, --max-steps 3 -> 5\n" in err
+    assert not any(f"--{flag}" in err for flag in ("preset", "n-layer", "d-model", "context"))
+    with pytest.raises(GptkitError, match="--preset seed-tiny differs from the run's"):
+        train(dataclasses.replace(resumed, max_steps=6, preset="seed-tiny"), progress=False)
+
+
 def test_resume_errors(data, tmp_path):
-    """Guards --resume checks: nothing to resume; other tokenizer; other vocabulary; other
-    context length; already finished."""
+    """Guards --resume checks: nothing to resume; other tokenizer; data whose tokenizer.json
+    is not the one its tokens were made with; other context length; already finished."""
     with pytest.raises(GptkitError, match="nothing to resume in"):
         train(tiny(data, tmp_path / "empty", resume=True), progress=False)
     run = train(tiny(data, tmp_path / "run", max_steps=3), progress=False)
@@ -496,7 +597,9 @@ def test_resume_errors(data, tmp_path):
         train(tiny(other_vocab, run, max_steps=6, resume=True), progress=False)
     same_tok = fake_data(tmp_path / "v30b", vocab_size=30)
     (same_tok / "tokenizer.json").write_bytes((data / "tokenizer.json").read_bytes())
-    with pytest.raises(GptkitError, match="vocabulary of 30"):
+    with pytest.raises(
+        GptkitError, match=r"\(char, 24 tokens\) is not the tokenizer .* \(char, 30\)"
+    ):
         train(tiny(same_tok, run, max_steps=6, resume=True), progress=False)
     with pytest.raises(GptkitError, match="--context-length 8 differs"):
         train(tiny(data, run, max_steps=6, context_length=8, resume=True), progress=False)
@@ -590,6 +693,30 @@ def test_kill_9_at_random_moments_leaves_a_loadable_checkpoint(data, tmp_path):
     )
     assert load_train_state(run)["step"] == step + 1
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]  # leftovers cleaned
+
+
+def test_the_cli_exits_128_plus_the_signal_that_stopped_it(data, tmp_path):
+    """Guards `gptkit train` under a job scheduler: a run stopped by SIGTERM saves, says how
+    to resume and exits 143 (128 + 15), not 0, so the job is not taken for finished."""
+    run = tmp_path / "run"
+    cfg = tiny(data, run, max_steps=100_000, eval_every=0)
+    argv = ["--data", cfg.data, "--out", str(run), "--preset", "gpt2", "--n-layer", "1"]
+    argv += ["--n-head", "2", "--d-model", "32", "--context-length", "16", "--batch-size", "4"]
+    argv += ["--max-steps", "100000", "--eval-every", "0", "--log-every", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptkit", "train", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    wait_for_step(run, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "--resume" in err and "run saved" not in out
+    assert load_train_state(run)["step"] >= 2
 
 
 @pytest.mark.slow

@@ -44,6 +44,11 @@ WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 TRAIN_CONFIG_FILE = "train_config.json"
 TRAIN_STATE_FILE = "train_state.pt"
+TRAIN_STATE_VERSION = 1
+TRAIN_STATE_KEYS = (  # what gptkit.train.train_state writes and resuming reads
+    "version", "step", "tokens_seen", "best_val_loss", "elapsed", "model_config",
+    "train_config", "model", "optimizer", "rng", "data_rng",
+)  # fmt: skip
 TIED_KEY = "lm_head.weight"
 CONFIG_METADATA_KEY = "gptkit_config"  # model.safetensors carries its own config.json copy
 
@@ -205,7 +210,13 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[G
     tok_file = Path(path) / TOKENIZER_FILE
     if not tok_file.is_file():
         raise GptkitError(f"tokenizer not found: {tok_file}")
-    return model, load_tokenizer(tok_file)
+    tokenizer = load_tokenizer(tok_file)
+    if tokenizer.vocab_size > model.config.vocab_size:  # its ids would fall off the model
+        raise GptkitError(
+            f"{tok_file} has {tokenizer.vocab_size} tokens but the model only "
+            f"{model.config.vocab_size}: they do not belong together"
+        )
+    return model, tokenizer
 
 
 # --- training state -------------------------------------------------------------------------
@@ -226,8 +237,11 @@ def load_train_state(directory: str | os.PathLike) -> dict[str, Any]:
     except Exception as e:  # torch raises several types for torn or foreign files
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise GptkitError(f"cannot read training state {file}: {reason}") from None
-    if not isinstance(state, dict) or "step" not in state or "model" not in state:
+    if not isinstance(state, dict) or any(k not in state for k in TRAIN_STATE_KEYS):
         raise GptkitError(f"{file} is not a gptkit training state")
+    if state["version"] != TRAIN_STATE_VERSION:
+        found = state["version"]
+        raise GptkitError(f"{file} has version {found!r}; this gptkit reads {TRAIN_STATE_VERSION}")
     return state
 
 

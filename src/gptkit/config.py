@@ -195,6 +195,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 DEFAULT_PRESET = "seed-tiny"  # what `gptkit train` builds without --preset or --init-from
+MODEL_OVERRIDES = ("n_layer", "n_head", "d_model", "context_length", "dropout")  # train flags
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -238,7 +239,9 @@ class TrainConfig:
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 disables)")
     eval_every: int = _opt(250, "evaluate on the validation split every N steps (0 disables)")
     eval_steps: int = _opt(20, "validation batches per evaluation")
-    save_every: int = _opt(500, "write a checkpoint every N steps (and always at the end)")
+    save_every: int = _opt(
+        500, "write a checkpoint every N steps (0: only at the end; always at the end)"
+    )
     log_every: int = _opt(10, "append a line to metrics.jsonl every N steps")
     seed: int = _opt(1337, "random seed for initialisation and data order")
     dtype: Literal["float32", "bfloat16"] = _opt("float32", "autocast dtype for training")
@@ -252,8 +255,7 @@ class TrainConfig:
 
     def model_overrides(self) -> dict[str, Any]:
         """The model fields this run sets explicitly (None means: keep the preset's)."""
-        names = ("n_layer", "n_head", "d_model", "context_length", "dropout")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        return {n: getattr(self, n) for n in MODEL_OVERRIDES if getattr(self, n) is not None}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

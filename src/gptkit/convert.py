@@ -58,24 +58,27 @@ def config_from_hf(hf_config: dict[str, Any]) -> GPTConfig:
         raise GptkitError("tie_word_embeddings=false (an untied head) is not supported")
     d_model = hf_config.get("n_embd", 768)
     n_inner = hf_config.get("n_inner")
-    return GPTConfig(
-        vocab_size=hf_config.get("vocab_size", 50257),
-        context_length=hf_config.get("n_positions", 1024),
-        n_layer=hf_config.get("n_layer", 12),
-        n_head=hf_config.get("n_head", 12),
-        d_model=d_model,
-        # None means 4 * d_model in both worlds; keep an explicit 4 * d_model as None too.
-        d_ff=None if n_inner is None or n_inner == 4 * d_model else n_inner,
-        positional="learned",
-        norm="pre",
-        activation=_ACTIVATIONS_FROM_HF[act],
-        attn_out_proj=True,
-        bias=True,
-        # HF has three dropout rates (embd, attn, resid); ours is one, GPT-2 sets all to 0.1.
-        dropout=hf_config.get("resid_pdrop", 0.1),
-        tie_embeddings=True,
-        layer_norm_eps=hf_config.get("layer_norm_epsilon", 1e-5),
-    )
+    try:
+        return GPTConfig(
+            vocab_size=hf_config.get("vocab_size", 50257),
+            context_length=hf_config.get("n_positions", 1024),
+            n_layer=hf_config.get("n_layer", 12),
+            n_head=hf_config.get("n_head", 12),
+            d_model=d_model,
+            # None means 4 * d_model in both worlds; keep an explicit 4 * d_model as None too.
+            d_ff=None if n_inner is None or n_inner == 4 * d_model else n_inner,
+            positional="learned",
+            norm="pre",
+            activation=_ACTIVATIONS_FROM_HF[act],
+            attn_out_proj=True,
+            bias=True,
+            # HF has three dropout rates (embd, attn, resid); ours is one, GPT-2 sets all to 0.1.
+            dropout=hf_config.get("resid_pdrop", 0.1),
+            tie_embeddings=True,
+            layer_norm_eps=hf_config.get("layer_norm_epsilon", 1e-5),
+        )
+    except (TypeError, ValueError) as e:  # e.g. n_head not dividing n_embd, a size as a string
+        raise GptkitError(f"unsupported Hugging Face config: {e}") from None
 
 
 def config_to_hf(config: GPTConfig, eot_id: int | None = None) -> dict[str, Any]:

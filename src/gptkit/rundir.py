@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from gptkit import checkpoint as ckpt
-from gptkit.config import GPTConfig, TrainConfig
+from gptkit.config import DEFAULT_PRESET, MODEL_OVERRIDES, GPTConfig, TrainConfig
 from gptkit.errors import GptkitError
 from gptkit.fileio import atomic_write_bytes, atomic_write_json
 from gptkit.metrics import METRICS_FILE, PLOT_FILE
@@ -69,15 +69,29 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise GptkitError(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
     if not cfg.data:
         raise GptkitError("--data is required: a directory made by `gptkit prepare`")
+    if not 0 <= cfg.seed < 2**63:  # torch's generators take 64 bits; ranks add to it
+        raise GptkitError(f"--seed must be in [0, 2**63), got {cfg.seed}")
 
 
 def open_data(cfg: TrainConfig) -> tuple[dict[str, Any], np.ndarray, np.ndarray, dict[str, Any]]:
     """(meta, train tokens, val tokens, tokenizer json) of the prepared directory `cfg.data`."""
     from gptkit.data import load_meta, open_split
+    from gptkit.tokenizer import load_tokenizer
 
     meta = load_meta(cfg.data)
     train_tokens, val_tokens = open_split(cfg.data, "train"), open_split(cfg.data, "val")
-    tokenizer = ckpt.read_json(Path(cfg.data) / ckpt.TOKENIZER_FILE, "data tokenizer")
+    file = Path(cfg.data) / ckpt.TOKENIZER_FILE
+    tokenizer = ckpt.read_json(file, "data tokenizer")
+    # The tokens were made by the tokenizer meta.json names; a tokenizer.json replaced since
+    # (another `prepare` or `convert` into this directory) would train ids under wrong names.
+    tok = load_tokenizer(file)
+    made_with = (meta["tokenizer"], meta["vocab_size"], meta["eot_id"])
+    if (tok.kind, tok.vocab_size, tok.eot_id) != made_with:
+        raise GptkitError(
+            f"{file} ({tok.kind}, {tok.vocab_size} tokens) is not the tokenizer "
+            f"{cfg.data}'s tokens were made with ({meta['tokenizer']}, {meta['vocab_size']}); "
+            "run `gptkit prepare` again"
+        )
     return meta, train_tokens, val_tokens, tokenizer
 
 
@@ -143,12 +157,16 @@ def check_fresh_dir(run_dir: Path) -> None:
     """Never overwrite a checkpoint by starting a new run on top of it."""
     if run_dir.exists() and not run_dir.is_dir():
         raise GptkitError(f"--out {run_dir} exists and is not a directory")
-    for name in (ckpt.TRAIN_STATE_FILE, ckpt.WEIGHTS_FILE):
-        if (run_dir / name).exists():
-            raise GptkitError(
-                f"{run_dir} already holds a checkpoint; pass --resume to continue it "
-                "or choose another --out"
-            )
+    if (run_dir / ckpt.TRAIN_STATE_FILE).exists():
+        raise GptkitError(
+            f"{run_dir} already holds a checkpoint; pass --resume to continue it "
+            "or choose another --out"
+        )
+    if (run_dir / ckpt.WEIGHTS_FILE).exists():  # a model directory: never train over it
+        raise GptkitError(
+            f"{run_dir} holds model weights but no {ckpt.TRAIN_STATE_FILE} to resume from; "
+            "choose another --out (or --init-from it to fine-tune those weights)"
+        )
 
 
 def check_resumable(
@@ -161,6 +179,19 @@ def check_resumable(
         raise GptkitError(
             f"the tokenizer of {cfg.data} differs from the one {run_dir} was trained with "
             f"({kinds}); resume with the run's data or start a new --out"
+        )
+    saved = state["train_config"]
+    started = saved.get("init_from")
+    if cfg.init_from is not None and cfg.init_from != started:
+        raise GptkitError(
+            f"--init-from {cfg.init_from} differs from the run's ({started}); a resumed run "
+            "continues from its checkpoint (drop --init-from)"
+        )
+    preset = saved.get("preset") or (None if started else DEFAULT_PRESET)
+    if cfg.preset is not None and cfg.preset != preset:
+        raise GptkitError(
+            f"--preset {cfg.preset} differs from the run's ({preset or '--init-from'}); "
+            "a resumed run keeps its model (drop the option or start a new --out)"
         )
     config = state["model_config"]
     if meta["vocab_size"] != config["vocab_size"]:
@@ -179,6 +210,15 @@ def check_resumable(
             f"{run_dir} is already at step {state['step']} of --max-steps {cfg.max_steps}; "
             "raise --max-steps to train further"
         )
+
+
+def with_model_origin(cfg: TrainConfig, saved: dict[str, Any]) -> TrainConfig:
+    """`cfg` with the resumed run's --preset / --init-from where left out: the train config
+    saved at each checkpoint keeps saying where the model came from."""
+    preset = cfg.preset or saved.get("preset")
+    return dataclasses.replace(
+        cfg, preset=preset, init_from=cfg.init_from or saved.get("init_from")
+    )
 
 
 def start_run_dir(cfg: TrainConfig, run_dir: Path, config: GPTConfig) -> None:
@@ -217,7 +257,9 @@ def resume_command(cfg: TrainConfig) -> str:
 
 def changed_options(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     """Training options of a resumed run that differ from the ones it was saved with."""
-    ignore = {"data", "out", "resume", "init_from"}
+    # A resumed run keeps its model: check_resumable refuses model options that differ,
+    # and left out they change nothing.
+    ignore = {"data", "out", "resume", "preset", "init_from", *MODEL_OVERRIDES}
     return [
         f"--{k.replace('_', '-')} {saved[k]} -> {v}"
         for k, v in cfg.to_dict().items()

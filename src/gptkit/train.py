@@ -53,10 +53,8 @@ from gptkit.rundir import (
     open_init,
     resume_command,
     start_run_dir,
+    with_model_origin,
 )
-
-STATE_VERSION = 1
-
 
 # --------------------------------------------------------------------------- configuration
 
@@ -295,7 +293,7 @@ def train_state(
     `weights` and `optimizer` are the full (unsharded) states when already gathered.
     """
     return {
-        "version": STATE_VERSION,
+        "version": ckpt.TRAIN_STATE_VERSION,
         "step": run.step,
         "tokens_seen": run.tokens_seen,
         "best_val_loss": run.best_val_loss,
@@ -345,6 +343,7 @@ def setup(
         changed = changed_options(state["train_config"], cfg)
         if changed and env.is_main:
             print(f"resuming {run_dir} with changed options: {', '.join(changed)}", file=sys.stderr)
+        cfg = with_model_origin(cfg, state["train_config"])
         config = GPTConfig.from_dict(state["model_config"])
     else:
         check_fresh_dir(run_dir)
@@ -506,7 +505,12 @@ def kept_checkpoint(run: Run) -> str:
 
 
 def save_checkpoint(run: Run, elapsed: float) -> None:
-    """model.safetensors, then train_state.pt (self-sufficient for resume), then loss.png."""
+    """train_state.pt (self-sufficient for resume), then model.safetensors, then loss.png.
+
+    In that order a kill between the two writes leaves a run that resumes (its weights
+    file at most one checkpoint behind); the other way round, a kill during the first save
+    left weights without a state: a directory neither --resume nor a new run would take.
+    """
     # Never replace a good checkpoint with weights that diverged: the last step's loss can
     # be finite while its update already produced inf/NaN weights.
     flush_losses(run)
@@ -519,8 +523,8 @@ def save_checkpoint(run: Run, elapsed: float) -> None:
     weights = distributed.full_weights(run.model)
     optimizer = distributed.full_optimizer_state(run.model, run.optimizer)
     if run.dist.is_main:
-        ckpt.save_weights(run.run_dir, weights, run.model.config)
         ckpt.save_train_state(run.run_dir, train_state(run, elapsed, weights, optimizer))
+        ckpt.save_weights(run.run_dir, weights, run.model.config)
         plot_losses(run.run_dir)
     run.saved_step = run.step
 
@@ -571,21 +575,28 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
     Under torchrun every process calls this; they train one model together.
     """
+    return train_until_stopped(cfg, progress)[0]
+
+
+def train_until_stopped(cfg: TrainConfig, progress: bool = True) -> tuple[Path, int | None]:
+    """`train`, also saying whether a signal stopped it: (run directory, SIGINT or SIGTERM
+    or None). `gptkit train` then exits 128 + the signal's number, as a killed process
+    would, so that a job scheduler sees the run did not finish."""
     env, device = distributed.init(cfg.device)
     finished = False
     try:
         if cfg.fsdp and not env.enabled:
             raise GptkitError("--fsdp shards across processes: launch with torchrun")
-        run_dir = _train(cfg, progress, env, device)
+        outcome = _train(cfg, progress, env, device)
         finished = True
-        return run_dir
+        return outcome
     finally:
         distributed.shutdown(env, finished)
 
 
 def _train(
     cfg: TrainConfig, progress: bool, env: distributed.DistEnv, device: torch.device
-) -> Path:
+) -> tuple[Path, int | None]:
     run = setup(cfg, env, device)
     if env.is_main:
         metrics = MetricsLog(run.run_dir / METRICS_FILE, run.saved_step if cfg.resume else None)
@@ -602,7 +613,7 @@ def _train(
             f"resume with: {resume_command(cfg)}",
             file=sys.stderr,
         )
-    return run.run_dir
+    return run.run_dir, stop.signum
 
 
 def peak_flops(device: torch.device, world_size: int) -> float | None:
