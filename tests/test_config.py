@@ -106,19 +106,20 @@ def test_config_is_frozen_and_round_trips() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad",
+    ("bad", "field"),  # the message starts with the offending field's name
     [
-        dict(d_model=100, n_head=3),
-        dict(n_layer=0),
-        dict(activation="swish"),
-        dict(norm="sandwich"),
-        dict(positional="rope"),
-        dict(dropout=1.0),
+        (dict(d_model=100, n_head=3), "d_model .* divisible by n_head"),
+        (dict(n_layer=0), "n_layer"),
+        (dict(activation="swish"), "activation"),
+        (dict(norm="sandwich"), "norm"),
+        (dict(positional="rope"), "positional"),
+        (dict(dropout=1.0), "dropout"),
     ],
 )
-def test_invalid_configs_are_refused(bad: dict) -> None:
-    """Guards impossible shapes or unknown options being accepted and failing later."""
-    with pytest.raises(ValueError):
+def test_invalid_configs_are_refused(bad: dict, field: str) -> None:
+    """Guards impossible shapes or unknown options being accepted and failing later, and
+    an error that blames another field than the offending one."""
+    with pytest.raises(ValueError, match=f"^{field}"):
         GPTConfig.from_preset("gpt2", **bad)
 
 

@@ -21,7 +21,7 @@ from test_train import fake_data, metrics, tiny, train_losses
 
 from gptkit.checkpoint import load_model, load_train_state
 from gptkit.data import sample_batch
-from gptkit.distributed import checkpoint_blocks
+from gptkit.distributed import DistEnv, checkpoint_blocks, seed_rank
 from gptkit.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,22 +85,59 @@ def test_activation_checkpointing_gives_the_same_steps(tmp_path):
     assert_losses_match(got, dict(train_losses(plain)), 1e-6)
 
 
-def test_checkpointed_blocks_match_plain_gradients():
-    """Guards checkpoint_blocks itself: same output and same parameter gradients."""
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_checkpointed_blocks_match_plain_gradients(dropout):
+    """Guards checkpoint_blocks itself: same output and same parameter gradients. With
+    dropout in train mode the recomputation in backward must draw the forward's masks
+    again (the RNG state saved and restored), or the gradients belong to other masks."""
     from conftest import tiny_config
 
     from gptkit.model import GPT
 
-    model = GPT(tiny_config("gpt2"))
+    model = GPT(tiny_config("gpt2", dropout=dropout)).train()
     idx = torch.randint(0, 61, (2, 16))
-    model(idx).square().mean().backward()
+    torch.manual_seed(1)
+    out = model(idx)
+    out.square().mean().backward()
     ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    if dropout:  # the masks matter: another seed gives another output
+        torch.manual_seed(2)
+        assert not torch.equal(model(idx), out)
     model.zero_grad()
     checkpoint_blocks(model)
+    torch.manual_seed(1)
+    torch.testing.assert_close(model(idx), out, rtol=0, atol=0)
+    torch.manual_seed(1)
     model(idx).square().mean().backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref[n], rtol=0, atol=1e-7, msg=n)
     assert set(model.state_dict()) == set(ref) | {"lm_head.weight"}
+
+
+def _draws(n: int = 8) -> list[float]:
+    return torch.rand(n).tolist()
+
+
+def test_seed_rank_gives_other_ranks_their_own_dropout_streams():
+    """Guards distributed.seed_rank: rank 0 keeps a single process's torch RNG stream
+    (untouched), every other rank gets a stream of its own (equal streams would drop the
+    same units on every rank), and that stream is a function of (seed, rank, step) alone,
+    so a resumed rank re-derives it whatever state it restored."""
+    torch.manual_seed(7)
+    single = _draws()
+    torch.manual_seed(7)
+    seed_rank(7, DistEnv(rank=0, world_size=3), step=5)
+    assert _draws() == single
+
+    def stream(rank: int, step: int, before: int = 7) -> list[float]:
+        torch.manual_seed(before)
+        seed_rank(7, DistEnv(rank=rank, world_size=3), step=step)
+        return _draws()
+
+    streams = [single, stream(1, 5), stream(2, 5)]
+    assert len({tuple(s) for s in streams}) == 3
+    assert stream(1, 5, before=123) == streams[1]  # whatever the state it replaced
+    assert stream(1, 6) != streams[1]  # from the step: a resume does not replay old masks
 
 
 def test_ddp_matches_one_process_and_its_checkpoint_resumes_in_one(tmp_path):

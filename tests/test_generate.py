@@ -479,8 +479,17 @@ def test_top_k_1_sampling_equals_argmax() -> None:
     assert torch.equal(picked, torch.argmax(logits, dim=-1))
 
 
+@pytest.fixture(params=["numpy", "torch"])
+def top_k_path(request, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which of top_k_ids' two implementations runs on fp32 CPU logits: numpy's (the
+    default there), or torch's (what bf16, fp16 and CUDA logits always take)."""
+    if request.param == "torch":
+        monkeypatch.setattr(gen, "_top_k_rows", lambda rows, k: None)
+    return request.param
+
+
 @pytest.mark.parametrize("k", [1, 2, 5, 12, 20])
-def test_top_k_keeps_exactly_k(k: int) -> None:
+def test_top_k_keeps_exactly_k(k: int, top_k_path: str) -> None:
     """Guards top-k keeping more than k tokens on ties, or dropping one of the k largest."""
     logits = torch.randint(0, 5, (32, 12)).float()  # many ties
     kept = torch.isfinite(top_k_filter(logits, k))
@@ -492,10 +501,24 @@ def test_top_k_keeps_exactly_k(k: int) -> None:
     assert torch.equal(top_k_filter(logits, k)[kept], logits[kept])  # survivors unchanged
 
 
-def test_top_k_ties_go_to_the_lowest_ids() -> None:
+def test_top_k_ties_go_to_the_lowest_ids(top_k_path: str) -> None:
     """Guards a nondeterministic choice among equal logits at the k-th place."""
     logits = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0]])
     assert torch.isfinite(top_k_filter(logits, 2)).tolist() == [[False, True, True, False, False]]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_top_k_ties_go_to_the_lowest_ids_in_half_precision(dtype: torch.dtype) -> None:
+    """Guards the tie repair of top_k_ids' torch path, the one bf16 and fp16 logits take
+    (also on a CPU): the places left at the k-th value go to the lowest tied ids, also
+    with larger values above them and several rows."""
+    logits = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0], [3.0, 1.0, 5.0, 3.0, 3.0]], dtype=dtype)
+    assert gen.top_k_ids(logits, 2).tolist() == [[1, 2], [0, 2]]
+    assert torch.isfinite(top_k_filter(logits, 2)).tolist() == [
+        [False, True, True, False, False],
+        [True, False, True, False, False],
+    ]
+    assert gen.top_k_ids(logits, 3).tolist() == [[1, 2, 3], [0, 2, 3]]
 
 
 def _kept(logits: torch.Tensor, p: float) -> list[int]:
@@ -513,14 +536,18 @@ def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
     assert _kept(logits, 1.0) == [0, 1, 2, 3]
 
 
-def test_top_p_boundary_where_a_prefix_sums_exactly_to_p() -> None:
+@pytest.mark.parametrize("vocab", [6, 4096])  # the full sort, and the candidates' path
+def test_top_p_boundary_where_a_prefix_sums_exactly_to_p(vocab: int) -> None:
     """Guards an off-by-one at the boundary: a prefix with mass exactly p is the whole set.
 
-    Four equal logits and two -inf give probabilities of exactly 1/4 in float32; ties are
-    ranked by id, so p = 0.5 keeps ids 0 and 2 (the two lowest of the four) and no more.
+    Four equal logits and -inf elsewhere give probabilities of exactly 1/4 in float32; ties
+    are ranked by id, so p = 0.5 keeps ids 0 and 2 (the two lowest of the four) and no
+    more. A vocabulary of 4096 takes the TOP_P_CANDIDATES shortcut, which decides the
+    boundary on its own ranking of the candidates.
     """
-    inf = float("inf")
-    logits = torch.tensor([[0.0, -inf, 0.0, 0.0, -inf, 0.0]])
+    assert vocab == 6 or vocab > 2 * gen.TOP_P_CANDIDATES  # else no shortcut to test
+    logits = torch.full((1, vocab), float("-inf"))
+    logits[0, [0, 2, 3, 5]] = 0.0
     assert _kept(logits, 0.5) == [0, 2]
     assert _kept(logits, 0.25) == [0]
     assert _kept(logits, 0.75) == [0, 2, 3]
@@ -626,7 +653,7 @@ def test_fast_filters_equal_the_full_sort_on_a_real_vocabulary(seed: int) -> Non
         assert shortcut > 0  # the candidate path ran
 
 
-def test_top_k_sampling_on_ties_draws_only_the_lowest_ids() -> None:
+def test_top_k_sampling_on_ties_draws_only_the_lowest_ids(top_k_path: str) -> None:
     """Guards sample_next's top-k path (it draws among the k survivors and maps back):
     with 10 tokens tied for first place, top_k=3 draws ids 100, 200 and 300 equally."""
     logits = torch.zeros(4000, 1000)
@@ -648,6 +675,23 @@ def test_draw_follows_probabilities_and_never_picks_a_zero() -> None:
     for bad in (torch.tensor([[0.5, float("nan")]]), torch.zeros(1, 3)):
         with pytest.raises(ValueError, match="cannot sample"):
             gen.draw(bad)
+
+
+def test_draw_at_the_ends_of_the_uniform_skips_zero_probability_tokens(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Guards the inverse-CDF search's side: u = 0 must pick the first token with a
+    positive probability (a leading zero's running sum equals u, and the first index
+    *exceeding* u is wanted), and the largest u below 1 the last one (not a trailing
+    zero, nor an index past the row)."""
+    probs = torch.tensor([[0.0, 1.0, 0.0, 2.0], [0.0, 1.0, 2.0, 0.0]])
+    for u, want in [(0.0, [1, 1]), (1.0 - 2.0**-53, [3, 2])]:
+
+        def rand(*shape, dtype=None, device=None, generator=None, u=u):
+            return torch.full(shape, u, dtype=dtype, device=device)
+
+        monkeypatch.setattr(gen.torch, "rand", rand)
+        assert gen.draw(probs).tolist() == want, u
 
 
 # ---------------------------------------------------------------------------------------

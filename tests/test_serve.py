@@ -21,8 +21,10 @@ from serve_helpers import make_model_dir, metric, running_server
 from gptkit import batching, cli
 from gptkit.batching import Finished, SamplingParams, Scheduler, Sequence, Token
 from gptkit.checkpoint import load
+from gptkit.completions import Choice
 from gptkit.generate import sample_next, stream_text
 from gptkit.model import KV_CACHE_DTYPES
+from gptkit.tokenizer import CharTokenizer
 
 MAX_TOKENS = 24
 
@@ -186,6 +188,61 @@ def test_stop_strings(client, model_dir):
     chunks = list(client.completions.create(stop=stop, stream=True, **kwargs))
     assert "".join(c.choices[0].text for c in chunks) == full[:cut]
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def _stream_choice(text: str, stops: list[str]) -> tuple[list[str], list[list[int]], Choice]:
+    """Feed `text` to a Choice one character (one CharTokenizer token) at a time, taking
+    its delta after each token as a streaming response does: the text pieces, and the
+    text offsets of the tokens each delta handed out."""
+    tok = CharTokenizer("abcdx")
+    choice = Choice(0, tok, "", stops)
+    pieces, offsets = [], []
+    for c in text:
+        assert choice.finish_reason is None, "fed past a stop"
+        choice.add(Token(tok.encode(c)[0], -1.0))
+        piece, tokens, offs = choice.delta()
+        assert len(tokens) == len(offs)
+        pieces.append(piece)
+        offsets.append(offs)
+    return pieces, offsets, choice
+
+
+def test_streamed_choice_holds_back_a_possible_stop_string_start():
+    """Guards the stop-string hold-back (serve batches events, so its tests rarely see a
+    delta taken between two tokens): a text tail that may begin a stop string is not
+    streamed until the next token settles it, nor is its token, and finishing for
+    another reason flushes both."""
+    pieces, offsets, choice = _stream_choice("abxac", ["cd"])
+    assert pieces == ["a", "b", "x", "a", ""]  # the "c" that may begin "cd" waits
+    assert offsets == [[0], [1], [2], [3], []]
+    choice.finish("length")
+    text, tokens, offs = choice.delta()
+    assert (text, [t.id for t in tokens], offs) == ("c", choice.tokenizer.encode("c"), [4])
+
+
+def test_streamed_choice_drops_the_tokens_of_a_stop_string():
+    """Guards the tokens of a stop string being reported: a b c d with stop "cd" is the
+    text "ab" and exactly the tokens a and b, streamed or taken at once."""
+    tok = CharTokenizer("abcdx")
+    whole = Choice(0, tok, "", ["cd"])
+    assert [whole.add(Token(i, -1.0)) for i in tok.encode("abcd")] == [False] * 3 + [True]
+    text, tokens, offs = whole.delta()
+    assert (text, [t.id for t in tokens], offs) == ("ab", tok.encode("ab"), [0, 1])
+    pieces, offsets, choice = _stream_choice("abcd", ["cd"])
+    assert choice.finish_reason == "stop"
+    assert "".join(pieces) == "ab" and sum(offsets, []) == [0, 1]
+    assert choice.delta() == ("", [], [])
+
+
+def test_streamed_choice_with_a_stop_string_over_three_tokens():
+    """Guards the hold-back of a stop string longer than two tokens: its first two
+    characters wait while they may still begin it, go out once they cannot, and the
+    stop's own tokens are never reported."""
+    pieces, offsets, choice = _stream_choice("abcxbcd", ["bcd"])
+    assert pieces == ["a", "", "", "bcx", "", "", ""]
+    assert offsets == [[0], [], [], [1, 2, 3], [], [], []]
+    assert choice.finish_reason == "stop" and choice.text == "abcx"
+    assert choice.delta() == ("", [], [])
 
 
 def test_32_concurrent_streams_are_batched(url, reference):

@@ -15,17 +15,25 @@ def _prefill(model: GPT, ids: list[int], max_len: int) -> tuple[KVCache, torch.T
     return cache, logits
 
 
+# Where a decode step through a SlotKVCache runs: the native op (where the kernels are
+# built), the eager modules' masked scaled_dot_product_attention, the written-out reference.
+DECODE_PATHS = [(True, False), (False, False), (False, True)]
+PATH_IDS = ["native", "sdpa", "reference"]
+
+
 @pytest.mark.parametrize("family", ["seed", "gpt2", "banded"])
-@pytest.mark.parametrize("reference", [False, True])
-def test_batched_rows_at_different_lengths_match_each_row_alone(family, reference):
+@pytest.mark.parametrize(("native_decode", "reference"), DECODE_PATHS, ids=PATH_IDS)
+def test_batched_rows_at_different_lengths_match_each_row_alone(family, native_decode, reference):
     """Guards per-row positions, cache writes and key masks: a row decoded next to longer
     or shorter rows must get exactly the logits it gets alone (stale keys of a previous,
-    longer occupant must stay masked; a banded layer's keys past its band too)."""
+    longer occupant must stay masked; a banded layer's keys past its band too), on each
+    decode path."""
     if family == "banded":  # GPT-3's alternating layers, a band shorter than the rows
         model = GPT(tiny_config("gpt2", attention="alternating", attn_band=4)).eval()
     else:
         model = GPT(tiny_config(family)).eval()
     model.set_reference_attention(reference)
+    model.native_decode = native_decode
     C = model.config.context_length
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13, 14, 15, 16]]
     slots = SlotKVCache(model.config, n_slots=6, max_len=C)
@@ -50,10 +58,13 @@ def test_batched_rows_at_different_lengths_match_each_row_alone(family, referenc
     assert slots.lengths[: len(prompts)].tolist() == [len(p) + 6 for p in prompts]
 
 
-def test_move_keeps_a_row_decoding_identically():
+@pytest.mark.parametrize("native_decode", [True, False], ids=["native", "sdpa"])
+def test_move_keeps_a_row_decoding_identically(native_decode):
     """Guards the row compaction the scheduler does when a sequence finishes: a row
-    moved to another slot must continue exactly as before."""
+    moved to another slot must continue exactly as before (the stale keys of the moved
+    row's longer neighbour masked out), on the native op and on the eager modules."""
     model = GPT(tiny_config()).eval()
+    model.native_decode = native_decode
     slots = SlotKVCache(model.config, n_slots=3)
     with torch.inference_mode():
         cache_a, _ = _prefill(model, [1, 2, 3, 4], 32)
