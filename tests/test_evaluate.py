@@ -15,7 +15,8 @@ from test_convert import _hf_model
 from test_hf import SHAPES, save_hf, unit_scale
 
 from gptkit.checkpoint import save_model
-from gptkit.evaluate import evaluate_files, sequence_nll, sliding_windows
+from gptkit.errors import GptkitError
+from gptkit.evaluate import evaluate_files, evaluate_texts, sequence_nll, sliding_windows
 from gptkit.hf import convert_dir, load
 from gptkit.model import GPT
 from gptkit.tokenizer import CharTokenizer
@@ -187,3 +188,18 @@ def test_eval_errors_name_the_file(capsys, tmp_path: Path) -> None:
         capsys, "eval", tmp_path / "run", tmp_path / "ok.txt", tmp_path / "uni.txt"
     )
     assert_one_line_error(code, err, "uni.txt: character 'é'")
+
+
+def test_a_model_in_train_mode_is_scored_without_dropout(tmp_path: Path) -> None:
+    """Guards evaluate_texts right after training (the model in train mode, dropout on): the
+    figure is the eval-mode one, every time, and the model goes back to train mode."""
+    from gptkit.tokenizer import build_tokenizer
+
+    tok = build_tokenizer("char", [TEXT])
+    model = GPT(tiny_config("gpt2", vocab_size=tok.vocab_size, dropout=0.3))
+    expected = evaluate_texts(model.eval(), tok, [TEXT[:200]], stride=8).loss
+    model.train()
+    assert evaluate_texts(model, tok, [TEXT[:200]], stride=8).loss == expected
+    assert model.training
+    with pytest.raises(GptkitError, match="nothing to evaluate"):
+        evaluate_texts(model, tok, [""])

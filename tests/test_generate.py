@@ -700,6 +700,7 @@ def test_draw_at_the_ends_of_the_uniform_skips_zero_probability_tokens(
 
 BAD_SETTINGS = [
     dict(max_new_tokens=-1),
+    dict(max_new_tokens=2.5),  # torch.empty's TypeError otherwise
     dict(temperature=-0.5),
     dict(top_k=0),
     dict(top_k=-3),
@@ -730,6 +731,15 @@ def test_bad_sampling_settings_raise_gptkit_error(bad: dict) -> None:
         stream_text(model, CharTokenizer("abc"), "ab", **args)
 
 
+def test_an_end_of_text_id_outside_the_vocabulary_is_refused() -> None:
+    """Guards eot_id typos: an id the model can never produce would let no row stop."""
+    model = GPT(tiny_config("seed"))
+    idx = torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(GptkitError, match="eot_id 61 is outside the vocabulary"):
+        generate(model, idx, 3, eot_id=model.config.vocab_size)
+    assert generate(model, idx, 3, eot_id=model.config.vocab_size - 1).shape[1] <= 5
+
+
 def test_edge_settings_are_valid() -> None:
     """Guards `x or default` style checks rejecting legitimate edge values."""
     validate_sampling(0, 0.0, 1, 1.0)
@@ -754,3 +764,15 @@ def test_bad_prompts_raise_gptkit_error(idx: torch.Tensor) -> None:
     """Guards empty, misshapen, float or out-of-vocabulary prompts reaching the model."""
     with pytest.raises(GptkitError):
         stream(GPT(tiny_config("seed")), idx, 3)
+
+
+def test_gptkit_generate_stays_callable_once_its_module_is_imported() -> None:
+    """Guards the README's `gptkit.generate(model, idx, ...)`: importing the module of the
+    same name (as `gptkit.explain` does) binds it on the package in the function's place."""
+    import gptkit
+    import gptkit.explain  # noqa: F401  imports gptkit.generate, the module
+
+    model = GPT(tiny_config("seed"))
+    idx = torch.zeros(1, 2, dtype=torch.long)
+    out = gptkit.generate(model, idx, max_new_tokens=3, temperature=0)
+    assert torch.equal(out, generate(model, idx, max_new_tokens=3, temperature=0))

@@ -228,3 +228,19 @@ def test_a_stale_build_lock_is_cleared(tmp_path):
     assert done.returncode == 0, done.stderr
     assert not lock.exists()
     assert "building the native CPU kernel" in done.stderr
+
+
+def test_the_kernel_builds_with_the_ninja_beside_python(tmp_path, monkeypatch):
+    """Guards against rebuilding the kernel from scratch (~50 s) each time the venv is
+    activated or not: a system ninja and the venv's keep build logs the other does not
+    trust, so the build must run the venv's whatever PATH says (and PATH come back)."""
+    (tmp_path / "ninja").write_text("")
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    with kernels._environment_ninja():
+        assert os.environ["PATH"] == os.pathsep.join([str(tmp_path), "/usr/bin:/bin"])
+    assert os.environ["PATH"] == "/usr/bin:/bin"
+    monkeypatch.delenv("PATH")
+    with kernels._environment_ninja():
+        assert os.environ["PATH"] == str(tmp_path)
+    assert "PATH" not in os.environ

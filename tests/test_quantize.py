@@ -182,3 +182,19 @@ def test_sample_command_with_quantized_weights(tmp_path, capsys):
         assert exit_info.value.code == 2
     with pytest.raises(GptkitError):
         quantize_model(GPT(tiny_config()), "int4")
+
+
+@pytest.mark.parametrize("first", ["bf16", "int8"])
+@pytest.mark.parametrize("second", ["fp32", "bf16", "int8"])
+def test_a_quantized_model_is_not_quantized_again(first, second):
+    """Guards quantize_model on its own output: it widened the bf16 buffers or re-blocked
+    the int8 ones (a broken model, or silently still int8 for "fp32"). Refused up front,
+    the model left as it was."""
+    model = quantize_model(GPT(tiny_config("gpt2")).eval(), first)
+    idx = torch.randint(0, model.config.vocab_size, (1, 6))
+    with torch.no_grad():
+        before = model(idx)
+    with pytest.raises(GptkitError, match="quantized already"):
+        quantize_model(model, second)
+    with torch.no_grad():
+        assert torch.equal(model(idx), before)

@@ -21,7 +21,7 @@ _EXPORTS = {
     "GPT": "gptkit.model",
     "KVCache": "gptkit.model",
     "generate": "gptkit.generate",
-    "load": "gptkit.checkpoint",
+    "load": "gptkit.hf",  # gptkit run and model directories, and Hugging Face GPT-2 ones
     "load_tokenizer": "gptkit.tokenizer",
     "GptkitError": "gptkit.errors",
 }

@@ -110,6 +110,17 @@ def sequence_nll(
     """
     if batch_size < 1:
         raise GptkitError(f"batch size must be >= 1, got {batch_size}")
+    was_training = model.training
+    model.eval()  # dropout would make the figure random (and wrong)
+    try:
+        return _sequence_nll(model, ids, context_length, stride, batch_size)
+    finally:
+        model.train(was_training)
+
+
+def _sequence_nll(
+    model: GPT, ids: Sequence[int], context_length: int, stride: int, batch_size: int
+) -> tuple[float, int]:
     device = next(model.parameters()).device
     seq = torch.tensor(list(ids), dtype=torch.long, device=device)  # (N,)
     nll, scored = 0.0, 0
@@ -160,6 +171,8 @@ def evaluate_texts(
     for text in texts:
         ids = _document_ids(tokenizer, text)
         total = total + _evaluate_ids(model, ids, text, context_length, stride, batch_size)
+    if total.tokens == 0:  # its loss would divide by zero
+        raise GptkitError("nothing to evaluate: the texts hold no tokens to score")
     return total
 
 

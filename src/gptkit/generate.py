@@ -34,8 +34,11 @@ Only the last position is ever unembedded (`GPT.next_logits`).
 from __future__ import annotations
 
 import math
+import numbers
+import sys
+import types
 from collections.abc import Generator, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -61,8 +64,8 @@ def validate_sampling(
     top_p: float | None = None,
 ) -> None:
     """Raise GptkitError (one line) for a sampling setting that cannot work."""
-    if max_new_tokens < 0:
-        raise GptkitError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+        raise GptkitError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     # Written so that NaN (which fails every comparison) and inf fail the check too.
     if not 0 <= temperature < math.inf:
         raise GptkitError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
@@ -292,6 +295,10 @@ def stream(
     """
     validate_sampling(max_new_tokens, temperature, top_k, top_p)
     _check_prompt(model, idx)
+    if eot_id is not None and not 0 <= eot_id < model.config.vocab_size:  # it could never stop
+        raise GptkitError(
+            f"eot_id {eot_id} is outside the vocabulary [0, {model.config.vocab_size})"
+        )
     if kv_dtype is not None and not kv_dtype.is_floating_point:
         raise GptkitError(f"the KV cache must hold floating-point values, got {kv_dtype}")
     return _stream(
@@ -566,3 +573,18 @@ def _text_pieces(
     text = tokenizer.decode(new)
     if len(text) > emitted:
         yield text[emitted:]
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as its `generate` function.
+
+    `gptkit.generate` names the function (exported lazily by gptkit/__init__.py) and this
+    module; once anything imports the module, Python binds the package's `generate` to it,
+    and `gptkit.generate(model, idx, ...)` must still generate.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

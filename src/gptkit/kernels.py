@@ -168,7 +168,7 @@ def library(isa: str | None = None) -> Any:
     if not any(build_dir.glob("*.so")):
         print("gptkit: building the native CPU kernel (once per machine)...", file=sys.stderr)
     try:
-        with build_lock(build_dir):
+        with build_lock(build_dir), _environment_ninja():
             cpp_extension.load(
                 name,
                 [str(source) for source in SOURCES],
@@ -182,6 +182,27 @@ def library(isa: str | None = None) -> Any:
         print(f"gptkit: native CPU kernels unavailable ({reason}); using ATen", file=sys.stderr)
         return None
     return getattr(torch.ops, name)
+
+
+@contextlib.contextmanager
+def _environment_ninja() -> Iterator[None]:
+    """Run the ninja installed beside this Python (gptkit's `ninja` dependency) whatever PATH
+    says. cpp_extension runs the first `ninja` on PATH, and two ninja versions keep build
+    logs the other does not trust: a system ninja and the venv's, taking turns as the venv
+    was activated or not, rebuilt the kernel from scratch each time (~50 s here)."""
+    here = Path(sys.executable).parent
+    if not (here / "ninja").is_file():
+        yield
+        return
+    path = os.environ.get("PATH")
+    os.environ["PATH"] = os.pathsep.join([str(here), path]) if path else str(here)
+    try:
+        yield
+    finally:
+        if path is None:
+            del os.environ["PATH"]
+        else:
+            os.environ["PATH"] = path
 
 
 @contextlib.contextmanager

@@ -205,6 +205,10 @@ def quantize_model(model: nn.Module, weights: Weights | str) -> nn.Module:
     """
     if weights not in ("fp32", "bf16", "int8"):
         raise GptkitError(f"unknown weights {weights!r}; use fp32, bf16 or int8")
+    # Its blocked matrices are no nn.Linear weights to quantize again, and model.float()
+    # would widen their bf16 buffers: refuse before touching anything.
+    if any(isinstance(m, (WeightOnlyLinear, WeightOnlyEmbedding)) for m in model.modules()):
+        raise GptkitError("the model's weights are quantized already; quantize an fp32 model")
     model.float()
     if weights == "fp32":
         return model
