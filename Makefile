@@ -10,7 +10,8 @@ STAMP := $(VENV)/.gptkit-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# The CPU wheel first: a bare torch requirement would pull a multi-GB CUDA build.
+	# torch first, pinned: the project's range would take the newest release, and on this
+	# kind of machine only 2.13.0's CPU wheel lies on disk (no multi-GB CUDA download).
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
 	# The native CPU decode kernels, built now rather than at the first sample (~25 s).
