@@ -37,6 +37,7 @@ def run_demo(data: str | None, out: str, minutes: float, seed: int) -> Path:
     from gptkit.data import prepare
     from gptkit.errors import GptkitError
     from gptkit.fileio import make_dir
+    from gptkit.plan import duration_text
     from gptkit.train import train
 
     if not 0 < minutes < math.inf:  # also refuses nan, which fails every comparison
@@ -63,7 +64,8 @@ def run_demo(data: str | None, out: str, minutes: float, seed: int) -> Path:
         budget = max(budget, _MIN_TRAIN_SECONDS)
         steps = _steps_within(budget, data_dir, batch_size=_BATCH_SIZE, seed=seed)
         print(
-            f"training a {DEMO_MODEL['n_layer']}-layer seed-family GPT for {_duration(budget)} ...",
+            f"training a {DEMO_MODEL['n_layer']}-layer seed-family GPT for "
+            f"{duration_text(budget)} ...",
             file=sys.stderr,
         )
         cfg = TrainConfig(
@@ -104,10 +106,6 @@ def _check_corpus_length(data_dir: Path, data: str | None) -> None:
             f"{data or 'the corpus'} has {meta['train_tokens'] + meta['val_tokens']:,} "
             f"characters, too few for the demo (about {need:,} are needed); give --data more text"
         )
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} seconds" if seconds < 90 else f"{seconds / 60:.1f} minutes"
 
 
 def _steps_within(seconds: float, data_dir: Path, batch_size: int, seed: int) -> int:

@@ -283,7 +283,8 @@ def _si(x: float, unit: str = "") -> str:
     return f"{x:.0f}{unit}"
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
+    """A duration as people say it: days, hours, minutes or seconds."""
     if seconds >= 2 * 86400:
         return f"{seconds / 86400:.1f} days"
     if seconds >= 2 * 3600:
@@ -336,7 +337,7 @@ def report(plan: Plan, preset: str, tokens_given: bool) -> str:
         hints.append("a GPU with more memory")
         lines.append(f"  try: {', '.join(hints)}")
     lines += [
-        f"time at {plan.mfu:.0%} MFU   {_duration(plan.seconds)} wall, "
+        f"time at {plan.mfu:.0%} MFU   {duration_text(plan.seconds)} wall, "
         f"{_gpu_hours(plan.gpu_hours)} GPU-hours",
     ]
     return "\n".join(lines)
