@@ -433,6 +433,29 @@ def test_resume_command_reproduces_the_options(data, tmp_path):
     assert TrainConfig(**args) == dataclasses.replace(cfg, resume=True)
 
 
+def test_a_signal_after_the_stop_decision_waits_for_the_next_step(data, tmp_path, monkeypatch):
+    """Guards the stop vote: ranks decide from one snapshot of the signal flag, taken before
+    they vote. A signal that lands later in the step (here while step 3 is logged; under
+    torchrun, during the vote itself) must not stop this rank alone at step 3: it would
+    enter the checkpoint's collectives while the others start step 4, and gloo aborts."""
+    import os
+
+    from gptkit.metrics import MetricsLog
+
+    real_write = MetricsLog.write
+
+    def write(self, record):
+        real_write(self, record)
+        if record.get("step") == 3 and "train_loss" in record:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(MetricsLog, "write", write)
+    run = train_mod.train_until_stopped(
+        tiny(data, tmp_path / "run", max_steps=100, log_every=1, eval_every=0), progress=False
+    )[0]
+    assert load_train_state(run)["step"] == 4
+
+
 def test_signal_handlers_are_restored(data, tmp_path):
     """Guards handler hygiene: train() must not leave its SIGINT/SIGTERM handlers installed."""
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)

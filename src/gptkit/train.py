@@ -650,10 +650,11 @@ def loop(run: Run, metrics: MetricsLog, stop: StopFlag, progress: bool) -> str:
             elapsed = run.elapsed_before + now - start
             done = run.step >= cfg.max_steps
             timed_out = cfg.max_time is not None and now - start >= cfg.max_time
+            # Decide on a snapshot: a signal that lands after it (even during the vote
+            # below) waits for the next step, so every rank acts on the same answer.
+            signalled = stop.signum is not None
             if run.dist.enabled:  # all ranks stop at the same step, or none does
-                timed_out, signalled = distributed.any_rank(
-                    [timed_out, stop.signum is not None], run.dist
-                )
+                timed_out, signalled = distributed.any_rank([timed_out, signalled], run.dist)
                 if signalled and stop.signum is None:
                     stop.signum = signal.SIGTERM  # another rank was asked to stop
             # 2. log: the step's loss, learning rate and throughput since the last log
@@ -684,7 +685,7 @@ def loop(run: Run, metrics: MetricsLog, stop: StopFlag, progress: bool) -> str:
                 metrics.write({"step": run.step, "val_loss": val, "elapsed": elapsed})
                 window_start, window_tokens = time.perf_counter(), 0
             # 4. checkpoint, and stop when finished, out of time or asked to
-            stopping = done or timed_out or stop.signum is not None
+            stopping = done or timed_out or signalled
             if stopping or (cfg.save_every and run.step % cfg.save_every == 0):
                 save_checkpoint(run, elapsed)
                 window_start, window_tokens = time.perf_counter(), 0
