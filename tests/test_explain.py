@@ -12,7 +12,8 @@ from conftest import tiny_config
 from test_cli import assert_one_line_error, run_cli
 
 from gptkit.checkpoint import load, save_model
-from gptkit.explain import explain, render_text
+from gptkit.explain import explain, render_html, render_text, top_tokens, write_report
+from gptkit.generate import sample_next, top_k_filter, top_p_filter
 from gptkit.model import GPT, reference_attention
 from gptkit.tokenizer import CharTokenizer
 
@@ -101,6 +102,55 @@ def test_top_p_mark_is_the_sampling_filter(model_dir: Path) -> None:
     kept = [r for r in ex.top if r["in_top_p"]]
     assert kept == ex.top[: len(kept)]  # a prefix of the ranking
     assert kept[-1]["cum"] >= 0.5 and (len(kept) == 1 or kept[-2]["cum"] < 0.5)
+
+
+def test_top_p_mark_applies_to_the_top_k_survivors() -> None:
+    """Guards the top-p marks computed over the whole vocabulary while sampling applies top-p
+    to the top-k survivors, renormalised (README: temperature, top-k, top-p)."""
+    tok = CharTokenizer.from_texts(["abcdefghijklmnopqrst"])
+    V = tok.vocab_size  # 20 letters + end-of-text
+    # The top 10 hold 0.86: over the vocabulary the 10th starts at 0.81 < 0.9 (kept), among
+    # the 10 renormalised at 0.81 / 0.86 = 0.94 >= 0.9 (dropped).
+    probs = torch.full((V,), 0.14 / (V - 10))
+    probs[:10] = torch.tensor([0.1, 0.095, 0.093, 0.091, 0.09, 0.089, 0.087, 0.084, 0.081, 0.05])
+    logits = probs.log()
+    rows = top_tokens(logits, tok, top_k=10, top_p=0.9)
+    marked = {r["id"] for r in rows if r["in_top_p"]}
+    kept = top_p_filter(top_k_filter(logits[None], 10), 0.9)[0] > float("-inf")
+    assert marked == set(torch.nonzero(kept).flatten().tolist()) == set(range(9))
+    g = torch.Generator().manual_seed(0)
+    drawn = {int(sample_next(logits[None], 1.0, 10, 0.9, generator=g)[0]) for _ in range(300)}
+    assert drawn == marked  # what sampling really draws
+
+
+def test_explain_restores_reference_attention(gpt2_dir: Path) -> None:
+    """Guards explain switching the caller's reference attention off afterwards."""
+    model, tok = load(gpt2_dir)
+    model.set_reference_attention(True)
+    explain(model, tok, PROMPT)
+    assert all(block.attn.reference for block in model.h)
+    model.set_reference_attention(False)
+    explain(model, tok, PROMPT)
+    assert not any(block.attn.reference for block in model.h)
+
+
+def test_report_shows_dollar_and_markup_tokens_verbatim(gpt2_dir: Path, tmp_path: Path) -> None:
+    """Guards matplotlib's ValueError on a token like "$$" (parsed as mathtext) in the plot
+    labels, and unescaped token strings in the HTML tables. A BPE tokenizer has such
+    multi-character tokens; the char tokenizer's are put in their place here."""
+    model, tok = load(gpt2_dir)
+    ex = explain(model, tok, PROMPT, top_k=4)
+    odd = ["$$", "$x$", "<b>&x", "a$b$c"]
+    ex.tokens[: len(odd)] = odd
+    for row, t in zip(ex.top, odd, strict=True):
+        row["token"] = t
+    files = write_report(ex, tmp_path / "ex")
+    for png in files[:2]:
+        assert png.read_bytes().startswith(PNG_MAGIC)
+    page = files[2].read_text()
+    assert page == render_html(ex, files[:2])
+    assert "&#x27;&lt;b&gt;&amp;x&#x27;" in page and "<b>" not in page
+    assert "&#x27;$$&#x27;" in page
 
 
 def test_terminal_tables_print_the_numbers(capsys, gpt2_dir: Path, tmp_path: Path) -> None:

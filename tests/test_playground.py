@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -38,7 +39,9 @@ def test_playground_streams_tokens_with_alternatives(tmp_path):
             status = page.locator("#status")
             page.wait_for_function("document.getElementById('status').textContent.includes('done')")
             tokens = page.locator("#output .tok")
-            n = int(status.inner_text().split()[1])  # "done: N tokens"
+            n = int(status.inner_text().split()[1])  # "done: N tokens (reason)"
+            # the finish reason survives the [DONE] line (an "error" one would show too)
+            assert re.fullmatch(r"done: \d+ tokens \((stop|length)\)", status.inner_text())
             assert n == tokens.count() and 4 <= n <= 20
             shade = tokens.first.evaluate("e => getComputedStyle(e).backgroundColor")
             assert shade.startswith("rgba(230, 80, 60")

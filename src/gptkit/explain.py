@@ -23,7 +23,7 @@ from torch import nn
 
 from gptkit.errors import GptkitError
 from gptkit.fileio import atomic_path, atomic_write_text, make_dir
-from gptkit.generate import top_k_filter, top_p_filter
+from gptkit.generate import top_k_filter, top_k_ids, top_p_filter
 from gptkit.model import GPT
 
 N_VALUES = 4  # leading values of each vector shown
@@ -128,12 +128,14 @@ def explain(model: GPT, tokenizer, prompt: str, top_k: int = 10, top_p: float = 
         if isinstance(module, nn.LayerNorm):
             handles.append(module.register_forward_hook(keep_norm(name)))
     was_training = model.training
+    was_reference = [block.attn.reference for block in model.h]
     model.eval()
     model.set_reference_attention(True)  # only the explicit path exposes the weights
     try:
         logits = model(idx)[0, -1].float().cpu()  # (V,)
     finally:
-        model.set_reference_attention(False)
+        for block, ref in zip(model.h, was_reference, strict=True):  # as the caller had it
+            block.attn.reference = ref
         model.train(was_training)
         for h in handles:
             h.remove()
@@ -180,10 +182,14 @@ def explain(model: GPT, tokenizer, prompt: str, top_k: int = 10, top_p: float = 
 
 
 def top_tokens(logits: torch.Tensor, tokenizer, top_k: int, top_p: float) -> list[dict]:
-    """The K most likely next tokens; `in_top_p` is what generate's top-p filter keeps."""
+    """The K most likely next tokens; `in_top_p` is what sampling's top-p filter keeps.
+
+    As `generate.sample` does (temperature 1): top-p applies to the top-k survivors,
+    renormalised, not to the whole vocabulary.
+    """
     probs = torch.softmax(logits.double(), dim=-1)
-    kept_p = top_p_filter(logits[None], top_p)[0] > float("-inf")  # (V,)
     kept_k = top_k_filter(logits[None], top_k)[0] > float("-inf")
+    kept_p = top_p_kept(logits, top_k, top_p)
     order = torch.sort(probs, descending=True, stable=True).indices[:top_k]
     rows, cum = [], 0.0
     for i in order.tolist():
@@ -199,6 +205,17 @@ def top_tokens(logits: torch.Tensor, tokenizer, top_k: int, top_p: float) -> lis
             }
         )
     return rows
+
+
+def top_p_kept(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """(V,) bool: the tokens sampling keeps after top-k, then top-p on the k survivors."""
+    logits = logits.float()
+    V = logits.shape[-1]
+    ids = top_k_ids(logits, top_k) if top_k < V else torch.arange(V)  # as generate.sample
+    kept = top_p_filter(logits.gather(-1, ids), top_p) > float("-inf")
+    out = torch.zeros(V, dtype=torch.bool)
+    out[ids[kept]] = True
+    return out
 
 
 # --------------------------------------------------------------------------- text
@@ -423,8 +440,13 @@ def write_report(ex: Explanation, out: str | Path) -> list[Path]:
     """attention.png, norms_and_top.png and explain.html (self-contained) in `out`."""
     out = make_dir(out)  # a GptkitError where it cannot be a directory
     images = [out / "attention.png", out / "norms_and_top.png"]
-    plot_attention(ex, images[0])
-    plot_norms_and_top(ex, images[1])
+    import matplotlib
+
+    # Token strings are plain text: "$x$" in a label would otherwise parse as mathtext
+    # (and "$$" or an unbalanced "$" fail to).
+    with matplotlib.rc_context({"text.parse_math": False}):
+        plot_attention(ex, images[0])
+        plot_norms_and_top(ex, images[1])
     page = out / "explain.html"
     atomic_write_text(page, render_html(ex, images))
     return [*images, page]
