@@ -109,6 +109,55 @@ def test_plan_time_and_fit():
     assert not big.fits
 
 
+def test_time_at_an_mfu_counts_model_flops_only():
+    """Guards the MFU convention: the training log's MFU leaves recomputation out, so the
+    time at a given MFU must not grow with activation checkpointing (it did, by 4/3)."""
+    config = GPTConfig.from_preset("gpt3-175b")
+    plain, ac = (
+        estimate(config, 1024, tokens=300e9, strategy="fsdp", activation_checkpointing=on)
+        for on in (False, True)
+    )
+    assert ac.seconds == pytest.approx(plain.seconds)
+    assert round(ac.days, 1) == 9.2
+
+
+def test_plan_module_example_holds():
+    """Guards the module docstring's example (it once claimed a plan fits that does not)."""
+    import doctest
+
+    import gptkit.plan
+
+    result = doctest.testmod(gptkit.plan)
+    assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"gpus": float("nan")},
+        {"gpus": 2.5},
+        {"micro_batch": float("nan")},
+        {"dtype": "float16"},
+        {"mfu": 1e-320},  # valid, but the time overflows to inf
+        {"tokens": 1e305},
+    ],
+)
+def test_estimate_refuses_what_the_cli_refuses(kwargs):
+    """Guards the API's checks: NaN and unknown values gave nan times and fits=True."""
+    args = {"gpus": 1, **kwargs}
+    with pytest.raises(GptkitError):
+        estimate(GPTConfig.from_preset("gpt3-175b"), **args)
+
+
+def test_more_gpus_is_suggested_only_when_it_can_help(capsys):
+    """Guards the hint: gathered FSDP units do not shrink with more devices."""
+    args = ["plan", "gpt3-175b", "--strategy", "fsdp", "--activation-checkpointing"]
+    main([*args, "--gpus", "1000000", "--gpu", "a100-40gb"])
+    assert "more --gpus" not in capsys.readouterr().out
+    main([*args, "--gpus", "8"])
+    assert "more --gpus" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("device_name", "key"),
     [

@@ -1,7 +1,7 @@
 """Training cost on paper: parameters, FLOPs, memory per device and time, before any run.
 
     >>> p = estimate(GPTConfig.from_preset("gpt3-175b"), gpus=1024, gpu="h100",
-    ...              tokens=300e9, mfu=0.4, strategy="fsdp")
+    ...              tokens=300e9, mfu=0.4, strategy="fsdp", activation_checkpointing=True)
     >>> f"{p.flops:.3g}", p.fits, round(p.days, 1)
     ('3.23e+23', True, 9.2)
 
@@ -10,6 +10,9 @@ FLOPs (Chowdhery et al. 2022, PaLM, appendix B): per token, 6 N for the weight m
 where N counts the parameters that take part in a matmul (the unembedding included,
 position tables not: they are looked up) and T is the context length. The model FLOPs
 utilisation (MFU) is the share of the devices' dense bf16 peak spent on those FLOPs.
+Work that activation checkpointing repeats is not model FLOPs (PaLM's MFU, not its HFU):
+time at a given MFU is the same with or without it, and the training log's MFU counts the
+same way. Checkpointing makes a given MFU harder to reach, by the forward it recomputes.
 
 Memory per device, for AdamW with fp32 master weights (the way gptkit trains):
 weights 4 B/param, gradients 4 B, Adam moments 8 B; under bf16 autocast a bf16 copy of
@@ -40,6 +43,7 @@ Dtype = Literal["bfloat16", "float32"]
 GB = 1e9
 RESERVED = 0.10  # share of device memory kept for the CUDA context, NCCL and fragmentation
 RECOMPUTE = 1 / 3  # activation checkpointing repeats the forward: +2N of 6N per token
+DTYPES = ("bfloat16", "float32")
 
 
 @dataclass(frozen=True)
@@ -181,9 +185,8 @@ class Plan:
 
     @property
     def seconds(self) -> float:
-        """Wall time at `mfu` of the devices' peak (recomputation costs extra work)."""
-        work = self.flops * (1 + RECOMPUTE * self.activation_checkpointing)
-        return work / (self.gpus * self.gpu.bf16_tflops * 1e12 * self.mfu)
+        """Wall time at `mfu` of the devices' peak (model FLOPs: recomputation not counted)."""
+        return self.flops / (self.gpus * self.gpu.bf16_tflops * 1e12 * self.mfu)
 
     @property
     def days(self) -> float:
@@ -235,20 +238,22 @@ def estimate(
 ) -> Plan:
     """The plan for training `config` on `gpus` devices; `tokens` None means 20 per parameter
     (Hoffmann et al. 2022, compute-optimal)."""
-    if gpus < 1:
-        raise GptkitError(f"--gpus must be >= 1, got {gpus}")
-    if not 0 < mfu <= 1:
+    if not (isinstance(gpus, int) and gpus >= 1):
+        raise GptkitError(f"--gpus must be a whole number >= 1, got {gpus}")
+    if not 0 < mfu <= 1:  # NaN fails too
         raise GptkitError(f"--mfu must be in (0, 1], got {mfu}")
-    if micro_batch < 1:
-        raise GptkitError(f"--micro-batch must be >= 1, got {micro_batch}")
+    if not (isinstance(micro_batch, int) and micro_batch >= 1):
+        raise GptkitError(f"--micro-batch must be a whole number >= 1, got {micro_batch}")
     if strategy not in ("ddp", "fsdp"):
         raise GptkitError(f"--strategy must be ddp or fsdp, got {strategy!r}")
+    if dtype not in DTYPES:
+        raise GptkitError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if tokens is None:
         tokens = 20.0 * config.num_parameters()
     if not (math.isfinite(tokens) and tokens >= 1):  # 1e-5 parses, but is no training
         raise GptkitError(f"--tokens must be at least 1, got {tokens:g}")
     memory = memory_per_device(config, gpus, strategy, micro_batch, dtype, activation_checkpointing)
-    return Plan(
+    plan = Plan(
         config,
         gpu_by_name(gpu),
         gpus,
@@ -260,6 +265,9 @@ def estimate(
         dtype,
         memory,
     )
+    if not all(map(math.isfinite, (plan.flops, plan.seconds, plan.memory_total))):
+        raise GptkitError("the plan's figures overflow: use a smaller --tokens or a larger --mfu")
+    return plan
 
 
 _SUFFIX = {"": 1.0, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
@@ -331,13 +339,18 @@ def report(plan: Plan, preset: str, tokens_given: bool) -> str:
             hints.append("--activation-checkpointing")
         if plan.micro_batch > 1:
             hints.append("a smaller --micro-batch")
-        states = sum(v for k, v in plan.memory.items() if k != "activations")
-        if plan.strategy == "fsdp" and states > plan.memory["activations"]:
+        # More devices shrink only the sharded parts (not activations or gathered units).
+        sharded = sum(v for k, v in plan.memory.items() if k.endswith("(fp32)"))
+        if plan.strategy == "fsdp" and sharded > plan.memory_total - plan.memory_usable:
             hints.append("more --gpus")
         hints.append("a GPU with more memory")
         lines.append(f"  try: {', '.join(hints)}")
-    lines += [
-        f"time at {plan.mfu:.0%} MFU   {duration_text(plan.seconds)} wall, "
-        f"{_gpu_hours(plan.gpu_hours)} GPU-hours",
-    ]
+    lines.append(
+        f"time at {plan.mfu * 100:.3g}% MFU   {duration_text(plan.seconds)} wall, "
+        f"{_gpu_hours(plan.gpu_hours)} GPU-hours"
+    )
+    if plan.activation_checkpointing:
+        lines.append(
+            f"  (MFU counts model FLOPs; checkpointing adds {RECOMPUTE:.0%} recomputed work)"
+        )
     return "\n".join(lines)
