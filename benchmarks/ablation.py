@@ -46,9 +46,11 @@ from train_shakespeare import CORPUS, EVAL_BATCH, MODEL, RECIPE  # noqa: E402
 from gptkit.config import PRESETS as MODEL_PRESETS  # noqa: E402
 from gptkit.config import GPTConfig, TrainConfig  # noqa: E402
 from gptkit.data import load_meta, open_split, prepare  # noqa: E402
+from gptkit.distributed import DistEnv  # noqa: E402
 from gptkit.fileio import atomic_write_json  # noqa: E402
 from gptkit.train import (  # noqa: E402
     Run,
+    batch_loss,
     build_model,
     configure_optimizer,
     estimate_val_loss,
@@ -120,6 +122,7 @@ def train_variant(data: Path, overrides: dict[str, Any], steps: int) -> dict[str
         device=device,
         model=model,
         forward=model,
+        loss=batch_loss(model, cfg.compile, device, DistEnv()),
         optimizer=configure_optimizer(model, cfg, device),
         data_gen=torch.Generator().manual_seed(cfg.seed),
         train_tokens=open_split(data, "train"),

@@ -1,8 +1,8 @@
 """Long generations on a CPU: a fp32 against a bf16 KV cache, side by side in one run.
 
 At position p every decode step reads all p cached keys and values of every layer, 2 x
-n_layer x p x d_model values: for the `gpt2` preset 75 KB per position in fp32, 74 MB at
-position 960, more than an int8 model's weights (~125 MB) read per token at ~1,700
+n_layer x p x d_model values: for the `gpt2` preset 73.7 KB per position in fp32, 70.8 MB
+at position 960, more than an int8 model's weights (~125 MB) read per token at ~1,700
 positions. `--kv-cache bf16` (`kv_dtype=torch.bfloat16`) halves those bytes.
 
 For the `gpt2` preset (124M, random weights) with each kind of `--weights`, a random

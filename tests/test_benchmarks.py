@@ -183,3 +183,19 @@ def test_padded_vocab_benchmark_times_each_multiple_in_its_own_process(tmp_path,
     assert result[64]["ms_per_step"] > 0 and result[1]["speedup"] == 1.0
     assert json.loads(out.read_text())["results"]["64"]["padded_vocab"] == 128
     assert "multiple  64 (vocab 128)" in capsys.readouterr().out
+
+
+def test_ablation_trains_a_variant_tiny(tmp_path):
+    """Guards benchmarks/ablation.py's training path (it broke once when train.Run grew a
+    field): one variant trains two steps on a small corpus and reports its val losses."""
+    from gptkit.data import prepare
+
+    ablation = load_script("ablation")
+    text = tmp_path / "corpus.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 200)
+    data = tmp_path / "data"
+    prepare([str(text)], str(data), tokenizer="char", progress=False)
+    result = ablation.train_variant(data, ablation.RUNS["seed"][1], steps=2)
+    losses = [loss for _, loss in result["curve"]]
+    assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
+    assert 0 < result["val_loss"] < 10
