@@ -140,6 +140,21 @@ def test_seed_rank_gives_other_ranks_their_own_dropout_streams():
     assert stream(1, 6) != streams[1]  # from the step: a resume does not replay old masks
 
 
+def test_every_step_reseeds_the_other_ranks_from_its_step(tmp_path, monkeypatch):
+    """Guards resume under torchrun with dropout: ranks > 0 must be reseeded at every step
+    from (seed, rank, step). Seeded once at setup, an uninterrupted rank 1 kept drawing
+    from its step-0 stream while a resumed one started from step k: different masks."""
+    from gptkit import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed, "seed_rank", lambda seed, env, step: calls.append(step))
+    run = tmp_path / "run"
+    train(tiny(fake_data(tmp_path / "data"), run, max_steps=3, eval_every=0), progress=False)
+    assert calls == [0, 1, 2]
+    train(tiny(tmp_path / "data", run, max_steps=5, eval_every=0, resume=True), progress=False)
+    assert calls == [0, 1, 2, 3, 4]
+
+
 def test_ddp_matches_one_process_and_its_checkpoint_resumes_in_one(tmp_path):
     """Guards DDP under torchrun: per-step losses equal one process with the same global
     batch (1e-5), one log, and a 2-process checkpoint that one process resumes exactly."""

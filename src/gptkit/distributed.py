@@ -214,10 +214,11 @@ def weights_finite(model: nn.Module, env: DistEnv) -> bool:
 
 
 def seed_rank(seed: int, env: DistEnv, step: int) -> None:
-    """Give ranks other than 0 their own torch RNG stream (dropout masks) from here on.
+    """Give ranks other than 0 their own torch RNG stream (dropout masks) for a step.
 
     Rank 0 keeps the stream of a single-process run; on resume every rank restored rank
-    0's saved state, so the others re-derive theirs from the step.
+    0's saved state, so the others derive theirs from the step, at every step (seeded once,
+    a resumed rank's stream would differ from the one it had when not interrupted).
     """
     if env.rank > 0:
         torch.manual_seed(seed + 1_000_003 * env.rank + step)

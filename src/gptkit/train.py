@@ -389,7 +389,6 @@ def setup(
     )
     if state is not None:
         resume_run(run, state)
-    distributed.seed_rank(cfg.seed, env, run.step)
     return run
 
 
@@ -403,6 +402,9 @@ def train_step(run: Run, lr: float) -> torch.Tensor:
     cfg, T = run.cfg, run.model.config.context_length
     for group in run.optimizer.param_groups:
         group["lr"] = lr
+    # Ranks > 0 draw this step's dropout masks from (seed, rank, step): resumed or not, the
+    # same masks (rank 0 keeps the stream its checkpoint saves).
+    distributed.seed_rank(cfg.seed, run.dist, run.step)
     total = torch.zeros((), device=run.device)
     rank, world = run.dist.rank, run.dist.world_size
     for i in range(cfg.grad_accum):
