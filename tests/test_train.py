@@ -456,6 +456,48 @@ def test_a_signal_after_the_stop_decision_waits_for_the_next_step(data, tmp_path
     assert load_train_state(run)["step"] == 4
 
 
+def test_resume_command_under_torchrun_keeps_the_process_count(data, tmp_path, monkeypatch):
+    """Guards the hint printed by a stopped torchrun run: --batch-size is per process, so
+    the single-process command it used to print resumed on half the global batch."""
+    import shlex
+
+    from gptkit.cli import build_parser
+    from gptkit.rundir import resume_command
+
+    cfg = tiny(data, tmp_path / "run")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    command = resume_command(cfg, world_size=2)
+    assert command.startswith("torchrun --nproc-per-node 2 -m gptkit train ")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert resume_command(cfg, world_size=8).startswith(
+        "torchrun --nnodes 2 --nproc-per-node 4 -m gptkit train "
+    )
+    args = vars(build_parser().parse_args(shlex.split(command)[5:]))
+    args = {k: v for k, v in args.items() if k not in ("_fn", "command")}
+    assert TrainConfig(**args) == dataclasses.replace(cfg, resume=True)
+
+
+def test_resume_compares_the_global_batch(data, tmp_path):
+    """Guards the resume notice across process counts: the global batch is --batch-size x
+    --grad-accum x processes. The same --batch-size on fewer processes changes it (the old
+    notice said nothing); a new split of the same global batch is no change."""
+    from gptkit.rundir import changed_options
+
+    saved = tiny(data, tmp_path / "run", batch_size=4).to_dict()
+    same = tiny(data, tmp_path / "run", batch_size=4)
+    assert changed_options(saved, same, saved_world=2, world_size=2) == []
+    halved = changed_options(saved, same, saved_world=2, world_size=1)
+    assert halved == [
+        "global batch 8 -> 4 sequences (--batch-size x --grad-accum x processes: "
+        "4 x 1 x 2 -> 4 x 1 x 1)"
+    ]
+    resplit = tiny(data, tmp_path / "run", batch_size=2, grad_accum=2)
+    assert changed_options(saved, resplit, saved_world=2, world_size=2) == []
+    assert changed_options(saved, resplit) == ["--batch-size 4 -> 2", "--grad-accum 1 -> 2"]
+    run = train(tiny(data, tmp_path / "run", max_steps=1), progress=False)
+    assert load_train_state(run)["world_size"] == 1
+
+
 def test_signal_handlers_are_restored(data, tmp_path):
     """Guards handler hygiene: train() must not leave its SIGINT/SIGTERM handlers installed."""
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shlex
 from pathlib import Path
 from typing import Any
@@ -233,13 +234,19 @@ def start_run_dir(cfg: TrainConfig, run_dir: Path, config: GPTConfig) -> None:
     atomic_write_bytes(run_dir / ckpt.TOKENIZER_FILE, tok_bytes)
 
 
-def resume_command(cfg: TrainConfig) -> str:
+def resume_command(cfg: TrainConfig, world_size: int = 1) -> str:
     """The `gptkit train` command line that continues this run with the same options.
 
     Resuming takes the model from the checkpoint but the training options (lr, max_steps,
     ...) from the command line, so every option that differs from its default is repeated.
+    A run of several processes resumes under torchrun with as many: `--batch-size` is per
+    process, so fewer would train on a smaller global batch.
     """
     parts = ["gptkit", "train"]
+    if world_size > 1:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        nodes = f"--nnodes {world_size // local} " if local < world_size else ""
+        parts = [f"torchrun {nodes}--nproc-per-node {local} -m gptkit train"]
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         # --init-from only starts a run: a resumed one takes its weights from its checkpoint.
@@ -255,13 +262,36 @@ def resume_command(cfg: TrainConfig) -> str:
     return " ".join([*parts, "--resume"])
 
 
-def changed_options(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
-    """Training options of a resumed run that differ from the ones it was saved with."""
+def changed_options(
+    saved: dict[str, Any],
+    cfg: TrainConfig,
+    saved_world: int | None = None,
+    world_size: int = 1,
+) -> list[str]:
+    """Training options of a resumed run that differ from the ones it was saved with.
+
+    With the saved run's process count known (`saved_world`; checkpoints before gptkit
+    recorded it lack it), the batch is compared as the global batch, batch size x grad
+    accumulation x processes: a new split of the same global batch is no change, and the
+    same --batch-size on fewer processes is one.
+    """
     # A resumed run keeps its model: check_resumable refuses model options that differ,
     # and left out they change nothing.
     ignore = {"data", "out", "resume", "preset", "init_from", *MODEL_OVERRIDES}
-    return [
+    if saved_world is not None:
+        ignore |= {"batch_size", "grad_accum"}
+    changed = [
         f"--{k.replace('_', '-')} {saved[k]} -> {v}"
         for k, v in cfg.to_dict().items()
         if k not in ignore and k in saved and saved[k] != v
     ]
+    if saved_world is not None:
+        before = saved["batch_size"] * saved["grad_accum"] * saved_world
+        after = cfg.batch_size * cfg.grad_accum * world_size
+        if before != after:
+            changed.append(
+                f"global batch {before} -> {after} sequences (--batch-size x --grad-accum x "
+                f"processes: {saved['batch_size']} x {saved['grad_accum']} x {saved_world} -> "
+                f"{cfg.batch_size} x {cfg.grad_accum} x {world_size})"
+            )
+    return changed

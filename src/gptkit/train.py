@@ -304,6 +304,7 @@ def train_state(
         "optimizer": run.optimizer.state_dict() if optimizer is None else optimizer,
         "rng": ckpt.capture_rng(),
         "data_rng": run.data_gen.get_state(),
+        "world_size": run.dist.world_size,  # --batch-size is per process: the global batch
     }
 
 
@@ -340,7 +341,9 @@ def setup(
     if cfg.resume:
         state = ckpt.load_train_state(run_dir)
         check_resumable(cfg, run_dir, meta, tokenizer, state)
-        changed = changed_options(state["train_config"], cfg)
+        changed = changed_options(
+            state["train_config"], cfg, state.get("world_size"), env.world_size
+        )
         if changed and env.is_main:
             print(f"resuming {run_dir} with changed options: {', '.join(changed)}", file=sys.stderr)
         cfg = with_model_origin(cfg, state["train_config"])
@@ -612,7 +615,7 @@ def _train(
     if reason != "done" and env.is_main:
         print(
             f"{reason}: stopped at step {run.step}; checkpoint saved in {run.run_dir}\n"
-            f"resume with: {resume_command(cfg)}",
+            f"resume with: {resume_command(cfg, env.world_size)}",
             file=sys.stderr,
         )
     return run.run_dir, stop.signum
