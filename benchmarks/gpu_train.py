@@ -222,7 +222,9 @@ def bench_decode(
     model: GPT, batch: int, new_tokens: int, device: torch.device, cuda_graph: bool = False
 ) -> tuple[float, torch.Tensor]:
     """(greedy decoding tokens/s of all rows, the tokens) after one untimed warm-up run.
-    With `cuda_graph` every step replays a CUDA graph (captured anew in the timed run)."""
+    With `cuda_graph` every step replays a CUDA graph (captured anew in the timed run).
+    The timed call includes the 16-token prompt's prefill (about 1% at 128 new tokens;
+    benchmarks/cpu_inference.py leaves it out)."""
     g = torch.Generator(device="cpu").manual_seed(batch)
     idx = torch.randint(0, model.config.vocab_size, (batch, 16), generator=g).to(device)
     generate(model, idx, 4, temperature=0, cuda_graph=cuda_graph)

@@ -304,7 +304,7 @@ def plan(
     Args:
         preset: model preset (see `gptkit presets`)
         gpus: number of devices
-        gpu: h100, h100-pcie, h200, b200, a100, a100-40gb, l40s, l4 or mi300x
+        gpu: h100, h100-pcie, h100-nvl, h200, h200-nvl, gh200, b200, a100(-40gb), l40s, l4, mi300x
         tokens: training tokens, e.g. 300e9 or 300B (default: 20 per parameter)
         mfu: model FLOPs utilisation to assume (share of the dense bf16 peak)
         strategy: ddp (replicate everything) or fsdp (shard weights, grads, optimizer)

@@ -57,7 +57,10 @@ class GPU:
 GPUS: dict[str, GPU] = {
     "h100": GPU("NVIDIA H100 SXM", 989.4, 80),
     "h100-pcie": GPU("NVIDIA H100 PCIe", 756.5, 80),
+    "h100-nvl": GPU("NVIDIA H100 NVL", 835.5, 94),
     "h200": GPU("NVIDIA H200 SXM", 989.4, 141),
+    "h200-nvl": GPU("NVIDIA H200 NVL", 835.5, 141),
+    "gh200": GPU("NVIDIA GH200 (96 GB)", 989.4, 96),
     "b200": GPU("NVIDIA B200", 2250.0, 180),
     "a100": GPU("NVIDIA A100 SXM 80GB", 312.0, 80),
     "a100-40gb": GPU("NVIDIA A100 40GB", 312.0, 40),
@@ -77,8 +80,10 @@ def gpu_of_device(device_name: str) -> GPU | None:
     """The table's entry for a name as CUDA reports it ("NVIDIA H100 80GB HBM3", "NVIDIA
     A100-SXM4-40GB"), or None for a card the table does not hold."""
     words = device_name.lower().replace("-", " ").split()
-    for short in ("h200", "h100", "b200", "a100", "l40s", "l4", "mi300x"):
+    for short in ("gh200", "h200", "h100", "b200", "a100", "l40s", "l4", "mi300x"):
         if short in words:
+            if short in ("h100", "h200") and "nvl" in words:  # lower clocks than SXM
+                return GPUS[f"{short}-nvl"]
             return GPUS["h100-pcie" if short == "h100" and "pcie" in words else short]
     return None
 
