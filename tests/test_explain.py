@@ -12,7 +12,14 @@ from conftest import tiny_config
 from test_cli import assert_one_line_error, run_cli
 
 from gptkit.checkpoint import load, save_model
-from gptkit.explain import explain, render_html, render_text, top_tokens, write_report
+from gptkit.explain import (
+    explain,
+    render_html,
+    render_text,
+    tables,
+    top_tokens,
+    write_report,
+)
 from gptkit.generate import sample_next, top_k_filter, top_p_filter
 from gptkit.model import GPT, reference_attention
 from gptkit.tokenizer import CharTokenizer
@@ -93,6 +100,29 @@ def test_numbers_are_the_models_own(model_dir: Path) -> None:
     for f in ex.ffn:
         assert 0 < f["active"] < 1
         assert f["below_zero"] + f["active"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_embedding_table_columns_add_up(model_dir: Path) -> None:
+    """Guards table 1-3: its |embedding| is the vector the block input adds (scaled by
+    sqrt(d_model) where the model scales it; it showed the unscaled row), |position| the
+    position vector and |sum| their sum, for every position."""
+    model, tok = load(model_dir)
+    ex = explain(model, tok, PROMPT)
+    title, header, rows = tables(ex)[0]
+    idx = torch.tensor([tok.encode(PROMPT)])
+    embed = model.wte(idx)[0] * (model.config.d_model**0.5 if model.config.embed_scale else 1)
+    column = {name: i for i, name in enumerate(header)}
+    for t, row in enumerate(rows):
+        assert float(row[column["|embedding|"]]) == pytest.approx(embed[t].norm().item(), abs=2e-3)
+        assert float(row[column["|position|"]]) == pytest.approx(
+            ex.position[t].norm().item(), abs=2e-3
+        )
+        assert float(row[column["|sum|"]]) == pytest.approx(
+            (embed[t] + ex.position[t]).norm().item(), abs=2e-3
+        )
+        assert float(row[column["|sum|"]]) == pytest.approx(
+            ex.block_input[t].norm().item(), abs=2e-3
+        )
 
 
 def test_top_p_mark_is_the_sampling_filter(model_dir: Path) -> None:

@@ -238,6 +238,8 @@ def tables(ex: Explanation) -> list[tuple[str, list[str], list[list[str]]]]:
     c = ex.config
     out = []
     scale = " x sqrt(d_model)" if c["embed_scale"] else ""
+    # As the block input adds it: scaled where the model scales it (|sum| then follows).
+    embed = ex.embed * (c["d_model"] ** 0.5 if c["embed_scale"] else 1.0)
     out.append(
         (
             f"1-3. tokens, embeddings{scale}, {c['positional']} positions (norms, first values)",
@@ -247,10 +249,10 @@ def tables(ex: Explanation) -> list[tuple[str, list[str], list[list[str]]]]:
                     str(t),
                     repr(tok),
                     str(i),
-                    f"{ex.embed[t].norm():.3f}",
+                    f"{embed[t].norm():.3f}",
                     f"{ex.position[t].norm():.3f}",
                     f"{ex.block_input[t].norm():.3f}",
-                    _vec(ex.embed[t]),
+                    _vec(embed[t]),
                     _vec(ex.position[t]),
                 ]
                 for t, (tok, i) in enumerate(zip(ex.tokens, ex.ids, strict=True))
