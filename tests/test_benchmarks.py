@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from gptkit.config import GPTConfig
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -33,6 +35,16 @@ def test_gpu_train_runs_tiny_on_cpu(tmp_path, capsys):
     assert kernels["total"] == pytest.approx(sum(kernels["kinds"].values()))
     assert 0 < len(kernels["top"]) <= 25
     assert train["mfu"] == pytest.approx(train["tflops"] / 0.5)
+    # The MFU numerator, from its definition (PaLM): 6 N + 12 L d T per token, N without
+    # the looked-up position table, over the timed steps only (warm-up left out).
+    cfg = gpu_train.model_config(True)
+    L, d, T = cfg.n_layer, cfg.d_model, cfg.context_length
+    per_token = 6 * (cfg.num_parameters() - T * d) + 12 * L * d * T
+    assert train["tokens_per_s"] == pytest.approx(
+        train["batch"] * T * 2 / (train["step_ms"] * 2 / 1000)
+    )
+    assert train["tflops"] == pytest.approx(per_token * train["tokens_per_s"] / 1e12)
+    assert gpu_train.model_config(False) == GPTConfig.from_preset("gpt2")  # the 124M model
     assert set(json.loads(out.read_text())["decode_tokens_per_s"]) == {"1", "2"}
     assert "MFU" in capsys.readouterr().out
 
