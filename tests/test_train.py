@@ -480,7 +480,7 @@ def test_resume_command_under_torchrun_keeps_the_process_count(data, tmp_path, m
 def test_resume_compares_the_global_batch(data, tmp_path):
     """Guards the resume notice across process counts: the global batch is --batch-size x
     --grad-accum x processes. The same --batch-size on fewer processes changes it (the old
-    notice said nothing); a new split of the same global batch is no change."""
+    notice said nothing); a new split of the same global batch is said to keep it."""
     from gptkit.rundir import changed_options
 
     saved = tiny(data, tmp_path / "run", batch_size=4).to_dict()
@@ -492,7 +492,16 @@ def test_resume_compares_the_global_batch(data, tmp_path):
         "4 x 1 x 2 -> 4 x 1 x 1)"
     ]
     resplit = tiny(data, tmp_path / "run", batch_size=2, grad_accum=2)
-    assert changed_options(saved, resplit, saved_world=2, world_size=2) == []
+    assert changed_options(saved, resplit, saved_world=2, world_size=2) == [
+        "--batch-size 4 -> 2",
+        "--grad-accum 1 -> 2",
+        "global batch unchanged (8 sequences)",
+    ]
+    doubled = tiny(data, tmp_path / "run", batch_size=8)
+    assert changed_options(saved, doubled, saved_world=2, world_size=1) == [
+        "--batch-size 4 -> 8",
+        "global batch unchanged (8 sequences)",
+    ]
     assert changed_options(saved, resplit) == ["--batch-size 4 -> 2", "--grad-accum 1 -> 2"]
     run = train(tiny(data, tmp_path / "run", max_steps=1), progress=False)
     assert load_train_state(run)["world_size"] == 1

@@ -271,15 +271,13 @@ def changed_options(
     """Training options of a resumed run that differ from the ones it was saved with.
 
     With the saved run's process count known (`saved_world`; checkpoints before gptkit
-    recorded it lack it), the batch is compared as the global batch, batch size x grad
-    accumulation x processes: a new split of the same global batch is no change, and the
-    same --batch-size on fewer processes is one.
+    recorded it lack it), the global batch (batch size x grad accumulation x processes) is
+    compared too: the same --batch-size on fewer processes changes it, and a new split of
+    the same global batch is said to keep it.
     """
     # A resumed run keeps its model: check_resumable refuses model options that differ,
     # and left out they change nothing.
     ignore = {"data", "out", "resume", "preset", "init_from", *MODEL_OVERRIDES}
-    if saved_world is not None:
-        ignore |= {"batch_size", "grad_accum"}
     changed = [
         f"--{k.replace('_', '-')} {saved[k]} -> {v}"
         for k, v in cfg.to_dict().items()
@@ -294,4 +292,6 @@ def changed_options(
                 f"processes: {saved['batch_size']} x {saved['grad_accum']} x {saved_world} -> "
                 f"{cfg.batch_size} x {cfg.grad_accum} x {world_size})"
             )
+        elif any(c.startswith(("--batch-size ", "--grad-accum ")) for c in changed):
+            changed.append(f"global batch unchanged ({after} sequences)")
     return changed
