@@ -23,7 +23,7 @@ from torch import nn
 
 from gptkit.errors import GptkitError
 from gptkit.fileio import atomic_path, atomic_write_text, make_dir
-from gptkit.generate import top_k_filter, top_k_ids, top_p_filter
+from gptkit.generate import filter_candidates, top_k_filter
 from gptkit.model import GPT
 
 N_VALUES = 4  # leading values of each vector shown
@@ -209,12 +209,11 @@ def top_tokens(logits: torch.Tensor, tokenizer, top_k: int, top_p: float) -> lis
 
 def top_p_kept(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """(V,) bool: the tokens sampling keeps after top-k, then top-p on the k survivors."""
-    logits = logits.float()
     V = logits.shape[-1]
-    ids = top_k_ids(logits, top_k) if top_k < V else torch.arange(V)  # as generate.sample
-    kept = top_p_filter(logits.gather(-1, ids), top_p) > float("-inf")
+    kept, ids = filter_candidates(logits.float()[None], top_k, top_p)  # as sampling does
+    ids = torch.arange(V) if ids is None else ids[0]
     out = torch.zeros(V, dtype=torch.bool)
-    out[ids[kept]] = True
+    out[ids[kept[0] > float("-inf")]] = True
     return out
 
 

@@ -207,15 +207,27 @@ def sample_next(
     # raised to it, since as a float32 divisor it would round to 0 (and 0 / 0 is NaN).
     shifted = logits - logits.max(dim=-1, keepdim=True).values
     logits = shifted / max(temperature, torch.finfo(torch.float32).tiny)
-    ids = None  # with top-k, the rest works on the k survivors (B, k), ids ascending:
-    if top_k is not None and top_k < logits.shape[-1]:  # ties still rank by id
+    logits, ids = filter_candidates(logits, top_k, top_p)
+    probs = torch.softmax(logits, dim=-1)  # filtered entries are exactly 0
+    picked = draw(probs, generator)  # (B,)
+    return picked if ids is None else ids.gather(-1, picked[:, None]).squeeze(-1)
+
+
+def filter_candidates(
+    logits: torch.Tensor, top_k: int | None, top_p: float | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Top-k, then top-p on the k survivors: (logits with the cut ones at -inf, their ids).
+
+    With top-k the result covers only the k survivors, (B, k), and `ids` (B, k) maps them
+    back to the vocabulary (ascending; ties rank by id); without it, (B, V) and None.
+    """
+    ids = None
+    if top_k is not None and top_k < logits.shape[-1]:
         ids = top_k_ids(logits, top_k)
         logits = logits.gather(-1, ids)
     if top_p is not None:
         logits = top_p_filter(logits, top_p)
-    probs = torch.softmax(logits, dim=-1)  # filtered entries are exactly 0
-    picked = draw(probs, generator)  # (B,)
-    return picked if ids is None else ids.gather(-1, picked[:, None]).squeeze(-1)
+    return logits, ids
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
