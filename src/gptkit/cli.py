@@ -298,6 +298,7 @@ def plan(
     activation_checkpointing: bool = False,
     dtype: Literal["bfloat16", "float32"] = "bfloat16",
     context_length: int | None = None,
+    eager: bool = False,
 ) -> None:
     """Estimate parameters, FLOPs, memory per device and time to train a preset.
 
@@ -312,6 +313,7 @@ def plan(
         activation_checkpointing: keep only block inputs, recompute in backward
         dtype: compute dtype (bfloat16 autocast or float32)
         context_length: override the preset's context length
+        eager: plan a run without --compile (ATen's loss keeps fp32 log-probabilities)
     """
     from gptkit.config import GPTConfig
     from gptkit.plan import estimate, parse_count, report
@@ -322,8 +324,9 @@ def plan(
     except ValueError as e:
         raise GptkitError(str(e)) from None
     count = None if tokens is None else parse_count(tokens)
+    path = "eager" if eager else "compiled"
     p = estimate(
-        config, gpus, gpu, count, mfu, strategy, micro_batch, activation_checkpointing, dtype
+        config, gpus, gpu, count, mfu, strategy, micro_batch, activation_checkpointing, dtype, path
     )
     print(report(p, preset, tokens_given=tokens is not None))
 

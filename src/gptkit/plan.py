@@ -14,17 +14,28 @@ Work that activation checkpointing repeats is not model FLOPs (PaLM's MFU, not i
 time at a given MFU is the same with or without it, and the training log's MFU counts the
 same way. Checkpointing makes a given MFU harder to reach, by the forward it recomputes.
 
-Memory per device, for AdamW with fp32 master weights (the way gptkit trains):
-weights 4 B/param, gradients 4 B, Adam moments 8 B; under bf16 autocast a bf16 copy of
-the weights (2 B) lives during forward and backward. DDP replicates all of it; FSDP
-divides it by the number of devices and adds the gathered parameters and gradients of the
-units in flight (the root: embeddings, head, final norm; plus two blocks: the current and
-the prefetched one). Activations are the tensors autograd saves for backward in gptkit's
-model (counted op by op; with fused attention nothing of size T x T is kept):
-per layer and token, ln inputs 2 d in fp32, then in the compute dtype the ln outputs 2 d,
-q, k, v 3 d, the attention output d, the MLP hidden 2 x 4d; plus the head's logits and
-log-probabilities. Activation checkpointing keeps only each block's input and recomputes
-one block at a time.
+Memory per device is the peak of a training step, for AdamW with fp32 master weights
+(the way gptkit trains): weights 4 B/param and Adam moments 8 B, held throughout; fp32
+gradients 4 B, held from backward to the optimizer step (`zero_grad` frees them) or, under
+DDP on several devices, throughout in its all-reduce buckets. FSDP divides weights,
+gradients and moments by the number of devices and adds the gathered parameters and
+gradients of the units in flight (the root: embeddings, head, final norm; plus two blocks:
+the current and the prefetched one); otherwise bf16 autocast adds a bf16 copy of each
+weight (2 B), saved by its product until backward. Activations are what autograd saves
+for backward in gptkit's model, counted op by op: per layer and token, the ln inputs 2 d
+in fp32, then in the compute dtype the ln outputs 2 d, q, k, v 3 d, the attention output
+d (fused attention keeps nothing of size T x T, except a banded layer's T x T mask), the
+MLP hidden 2 x 4d (GELU) or 4d (ReLU); the head keeps its logits for the loss.
+
+A step peaks at one of a few moments, so each is counted and the largest is the estimate:
+the start of backward (every activation, plus the logits' gradient), the top block's
+backward (activations, a few hidden-sized gradients, the first gradients) and the end of
+backward (all the gradients, no activations). Activation checkpointing keeps only each
+block's input and recomputes one block at a time; its peak is at the top block (nearly
+all the inputs) or the first (nearly all the gradients). What the loss and the MLP's
+backward hold depends on the kernels (`PATHS`). On the dev CPU the estimate is within
+-6% .. +6% of the peak a real step allocates (tests/test_plan.py); on an H200, within 0.3%
+of gpt2's two measured peaks.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ from typing import Literal
 
 from gptkit.config import GPTConfig
 from gptkit.errors import GptkitError
+from gptkit.kernels import CROSS_ENTROPY_MIN_CLASSES
 
 Strategy = Literal["ddp", "fsdp"]
 Dtype = Literal["bfloat16", "float32"]
@@ -118,6 +130,42 @@ def training_flops(config: GPTConfig, tokens: float) -> tuple[float, float]:
 
 # --------------------------------------------------------------------------- memory
 
+# The kernels a step runs decide what its transient tensors take. "compiled": torch.compile
+# on a GPU (`gptkit train --compile`); "eager": ATen's kernels (a GPU without --compile);
+# "cpu": gptkit's own CPU kernels where they apply (`gptkit.kernels`), ATen elsewhere.
+PATHS = ("compiled", "eager", "cpu")
+
+
+def logit_bytes(path: str, dtype: Dtype, vocab_size: int) -> int:
+    """Bytes per logit (micro-batch x context x vocabulary) the loss holds at the start of
+    backward: the logits as it keeps them and the gradient its backward writes.
+
+    On an H200, gpt2 in bf16 at 64 x 1024 peaked at 43.7 GB compiled and at 63.4 GB with
+    the loss outside the graph: 6.1 and 12.1 bytes per logit over the rest of this model
+    (benchmarks/RESULTS.md, session 12).
+    """
+    a = 2 if dtype == "bfloat16" else 4
+    if path == "compiled":  # inductor's fused loss: the logits, their gradient in fp32
+        return a + 4
+    if path == "cpu" and vocab_size >= CROSS_ENTROPY_MIN_CLASSES:  # `train.token_losses`
+        return 2 * a  # the native kernel: the logits and their gradient
+    return 12  # ATen's: fp32 log-probabilities, their gradient and the logits'
+
+
+def mlp_backward_bytes(path: str, dtype: Dtype, activation: str) -> int:
+    """Bytes per hidden unit the MLP's backward holds beyond what it frees (measured on a
+    CPU, 1 to 16 sequences, fp32 and bf16: tests/test_plan.py). ATen's in-place (leaky)
+    ReLU on c_fc's output, a view, has autograd copy the whole gradient around it: about
+    four hidden-sized gradients; the CPU's fused fp32 kernel, two; the GELU frees its
+    saved input as it goes: about one. A compiled step is counted as ATen's (not measured
+    apart)."""
+    a = 2 if dtype == "bfloat16" else 4
+    if activation == "gelu":
+        return a
+    if path == "cpu" and dtype == "float32":  # `kernels.bias_leaky_relu`
+        return 2 * a
+    return 4 * a
+
 
 def block_params(config: GPTConfig) -> int:
     """Parameters of one transformer block (the difference a layer more makes)."""
@@ -125,16 +173,12 @@ def block_params(config: GPTConfig) -> int:
     return two - one
 
 
-def activation_bytes(
-    config: GPTConfig, micro_batch: int, dtype: Dtype, checkpointing: bool = False
-) -> dict[str, float]:
-    """Bytes autograd keeps for backward for one micro-batch: {'blocks', 'head'}.
-
-    Counted from gptkit's model op by op (see the module docstring); the head includes the
-    logits tensor the training step holds until backward.
-    """
+def layer_activation_bytes(
+    config: GPTConfig, micro_batch: int, dtype: Dtype, path: str = "compiled"
+) -> float:
+    """Bytes one block saves for backward, counted from gptkit's model op by op."""
     B, T, C = micro_batch, config.context_length, config.d_model
-    F, H, V = config.ffn_dim, config.n_head, config.vocab_size
+    F, H = config.ffn_dim, config.n_head
     a = 2 if dtype == "bfloat16" else 4  # bytes of an activation in the compute dtype
     # ln inputs (fp32 residual stream) 2C; ln outputs 2C (pre) or c_attn input + c_fc input
     # (post); q, k, v 3C; attention output C (fused attention returns it in (B, T, H, D)
@@ -143,16 +187,153 @@ def activation_bytes(
     mlp = 2 * F if config.activation == "gelu" else F
     per_layer = B * T * (2 * C * 4 + 6 * C * a + mlp * a)
     per_layer += B * T * (2 * 2 * 4 + H * 4)  # ln means and rstds, attention logsumexp
-    if config.dropout > 0:
-        per_layer += B * T * C * (2 + 1)  # bool masks: attention and MLP residual, plus one
+    if config.dropout > 0 and path == "cpu":
+        # ATen's CPU dropout keeps its scaled noise in the input's dtype, and attention
+        # with dropout takes the math path: probabilities, noise and their product, T x T
+        # each, in fp32 (autocast runs the softmax in fp32).
+        per_layer += B * T * C * 2 * a + B * H * T * T * 3 * 4
+    elif config.dropout > 0:  # boolean masks; flash attention regenerates its own
+        per_layer += B * T * C * 2
+    return float(per_layer)
+
+
+def activation_bytes(
+    config: GPTConfig,
+    micro_batch: int,
+    dtype: Dtype,
+    checkpointing: bool = False,
+    path: str = "compiled",
+) -> dict[str, float]:
+    """Bytes of one micro-batch held at the start of backward: {'blocks', 'head'}.
+
+    'blocks' is what the blocks saved for backward (with checkpointing, their inputs);
+    'head' the token ids and targets, the final norm's and the unembedding's inputs, and
+    the logits as the loss holds them with the gradient its backward writes (`logit_bytes`).
+    """
+    B, T, C, V = micro_batch, config.context_length, config.d_model, config.vocab_size
+    a = 2 if dtype == "bfloat16" else 4
     if checkpointing:
-        blocks = config.n_layer * B * T * C * 4 + per_layer  # inputs + one block recomputed
+        blocks = config.n_layer * B * T * C * 4.0  # each block's fp32 input
     else:
-        blocks = config.n_layer * per_layer
+        blocks = config.n_layer * layer_activation_bytes(config, micro_batch, dtype, path)
+        # A banded layer's (T, T) boolean mask, saved by the attention (not per sequence).
+        banded = [config.attn_band_of(i) for i in range(config.n_layer)]
+        blocks += sum(T * T for b in banded if b is not None and b < T)
     head = B * T * (8 + 8)  # ids and targets (int64)
+    if config.dropout > 0:  # the embeddings' dropout (fp32 noise on a CPU, else a mask)
+        head += B * T * C * (4 if path == "cpu" else 1)
     head += B * T * C * (4 * int(config.final_norm) + a)  # ln_f input, lm_head input
-    head += B * T * V * (a + 4)  # logits, fp32 log-probabilities
+    head += B * T * V * logit_bytes(path, dtype, V)
     return {"blocks": float(blocks), "head": float(head)}
+
+
+def memory_phases(
+    config: GPTConfig,
+    gpus: int,
+    strategy: Strategy,
+    micro_batch: int,
+    dtype: Dtype,
+    checkpointing: bool,
+    path: str = "compiled",
+) -> dict[str, dict[str, float]]:
+    """Bytes per device by part at each moment of a training step that can be its peak
+    (the module docstring): {moment: {part: bytes}}.
+
+    Backward frees activations as it writes gradients, so neither is counted at full size
+    on top of the other: adding all the gradients to all the activations overstated a
+    small model's peak by 12-21%, and by 26-33% with checkpointing.
+    """
+    n, L = config.num_parameters(), config.n_layer
+    B, T, C, V = micro_batch, config.context_length, config.d_model, config.vocab_size
+    a = 2 if dtype == "bfloat16" else 4
+    block = block_params(config)
+    shard = gpus if strategy == "fsdp" else 1
+    held = {"weights (fp32)": 4 * n / shard, "AdamW moments (fp32)": 8 * n / shard}
+    grad_bytes = 4 * n / shard
+    if strategy == "ddp" and gpus > 1:
+        held["gradients (fp32, DDP)"] = grad_bytes
+        grad_bytes = 0.0
+    copies = block_copies = 0.0
+    if strategy == "fsdp":
+        # Gathered weights (compute dtype) and unreduced fp32 gradients of the units in
+        # flight: the root (embeddings, head, final norm) and two blocks, the current and
+        # the prefetched one. The gathered weights are the compute copies.
+        held["gathered units (FSDP)"] = (n - L * block + 2 * block) * (a + 4)
+    elif dtype == "bfloat16":
+        # Autocast's bf16 copies of the weights, saved by each product until its backward.
+        copies, block_copies = 2.0 * matmul_params(config), 2.0 * block
+    act = activation_bytes(config, micro_batch, dtype, checkpointing, path)
+    head_copies = copies - L * block_copies  # the unembedding's
+    top_grads = grad_bytes * (n - (L - 1) * block) / n  # the head's and the top block's
+    hidden = B * T * config.ffn_dim * mlp_backward_bytes(path, dtype, config.activation)
+    start = {
+        **held,
+        "bf16 weight copies": head_copies if checkpointing else copies,
+        "activations": act["blocks"],
+        "logits and loss": act["head"],
+    }
+    if not checkpointing:
+        # The embedding's gradient from the lookup. Tied, it is added to the head's: in
+        # place under autocast (that one comes from a bf16 copy's backward, a fresh fp32
+        # tensor), into a new sum in fp32 (it is the product's transposed output).
+        tied_fp32 = config.tie_embeddings and dtype == "float32"
+        embedding = V * C * 4 * (2 if tied_fp32 else 1)
+        phases = {
+            "start of backward": start,
+            "backward, top block": {
+                **held,
+                "bf16 weight copies": copies,
+                "activations": act["blocks"],
+                "MLP backward": hidden,
+                "gradients (fp32)": top_grads,
+            },
+            "end of backward": {
+                **held,
+                "gradients (fp32)": grad_bytes,
+                "embedding gradient": embedding,
+            },
+        }
+    else:
+        recompute = {
+            "bf16 weight copies": block_copies,
+            "recomputed block": layer_activation_bytes(config, micro_batch, dtype, path),
+            "MLP backward": hidden,
+        }
+        phases = {
+            "start of backward": start,
+            "backward, top block": {
+                **held,
+                **recompute,
+                "block inputs": L * B * T * C * 4.0,
+                "gradients (fp32)": top_grads,
+            },
+            "backward, first block": {
+                **held,
+                **recompute,
+                "block inputs": B * T * C * 4.0,
+                "gradients (fp32)": grad_bytes,
+            },
+        }
+    return {name: {k: v for k, v in parts.items() if v} for name, parts in phases.items()}
+
+
+def peak_phase(phases: dict[str, dict[str, float]]) -> str:
+    """The moment of the step that holds the most."""
+    return max(phases, key=lambda name: sum(phases[name].values()))
+
+
+def memory_per_device(
+    config: GPTConfig,
+    gpus: int,
+    strategy: Strategy,
+    micro_batch: int,
+    dtype: Dtype,
+    checkpointing: bool,
+    path: str = "compiled",
+) -> dict[str, float]:
+    """Bytes per device by part at the step's peak (`memory_phases`' largest)."""
+    phases = memory_phases(config, gpus, strategy, micro_batch, dtype, checkpointing, path)
+    return phases[peak_phase(phases)]
 
 
 @dataclass(frozen=True)
@@ -166,7 +347,16 @@ class Plan:
     micro_batch: int
     activation_checkpointing: bool
     dtype: Dtype
-    memory: dict[str, float]  # bytes per device, by part
+    path: str  # the kernels the step runs (PATHS)
+    phases: dict[str, dict[str, float]]  # bytes per device by part, at each candidate peak
+
+    @property
+    def peak(self) -> str:
+        return peak_phase(self.phases)
+
+    @property
+    def memory(self) -> dict[str, float]:
+        return self.phases[self.peak]
 
     @property
     def params(self) -> int:
@@ -202,34 +392,6 @@ class Plan:
         return self.seconds * self.gpus / 3600
 
 
-def memory_per_device(
-    config: GPTConfig,
-    gpus: int,
-    strategy: Strategy,
-    micro_batch: int,
-    dtype: Dtype,
-    checkpointing: bool,
-) -> dict[str, float]:
-    """Bytes per device by part: weights, gradients, optimizer, activations (+ FSDP buffers)."""
-    n = config.num_parameters()
-    shard = gpus if strategy == "fsdp" else 1
-    memory = {
-        "weights (fp32)": 4 * n / shard,
-        "gradients (fp32)": 4 * n / shard,
-        "AdamW moments (fp32)": 8 * n / shard,
-    }
-    p = 2 if dtype == "bfloat16" else 4
-    if strategy == "fsdp":
-        root = n - config.n_layer * block_params(config)
-        # Gathered weights (compute dtype) and unreduced fp32 gradients of the units in flight.
-        memory["gathered units (FSDP)"] = (root + 2 * block_params(config)) * (p + 4)
-    elif dtype == "bfloat16":
-        memory["bf16 weight copies"] = 2 * n
-    act = activation_bytes(config, micro_batch, dtype, checkpointing)
-    memory["activations"] = act["blocks"] + act["head"]
-    return memory
-
-
 def estimate(
     config: GPTConfig,
     gpus: int,
@@ -240,9 +402,10 @@ def estimate(
     micro_batch: int = 1,
     activation_checkpointing: bool = False,
     dtype: Dtype = "bfloat16",
+    path: str = "compiled",
 ) -> Plan:
     """The plan for training `config` on `gpus` devices; `tokens` None means 20 per parameter
-    (Hoffmann et al. 2022, compute-optimal)."""
+    (Hoffmann et al. 2022, compute-optimal). `path` is the kernels the step runs, one of `PATHS`."""
     if not (isinstance(gpus, int) and gpus >= 1):
         raise GptkitError(f"--gpus must be a whole number >= 1, got {gpus}")
     if not 0 < mfu <= 1:  # NaN fails too
@@ -257,7 +420,11 @@ def estimate(
         tokens = 20.0 * config.num_parameters()
     if not (math.isfinite(tokens) and tokens >= 1):  # 1e-5 parses, but is no training
         raise GptkitError(f"--tokens must be at least 1, got {tokens:g}")
-    memory = memory_per_device(config, gpus, strategy, micro_batch, dtype, activation_checkpointing)
+    if path not in PATHS:
+        raise GptkitError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
+    phases = memory_phases(
+        config, gpus, strategy, micro_batch, dtype, activation_checkpointing, path
+    )
     plan = Plan(
         config,
         gpu_by_name(gpu),
@@ -268,7 +435,8 @@ def estimate(
         micro_batch,
         activation_checkpointing,
         dtype,
-        memory,
+        path,
+        phases,
     )
     if not all(map(math.isfinite, (plan.flops, plan.seconds, plan.memory_total))):
         raise GptkitError("the plan's figures overflow: use a smaller --tokens or a larger --mfu")
@@ -322,12 +490,12 @@ def report(plan: Plan, preset: str, tokens_given: bool) -> str:
         f"context {c.context_length}",
         f"on {plan.gpus} x {g.name} ({g.bf16_tflops:g} TFLOP/s bf16 dense, "
         f"{g.memory_gb:g} GB), {plan.strategy.upper()}, micro-batch {plan.micro_batch} "
-        f"x {c.context_length} tokens per device, {plan.dtype}{ac}",
+        f"x {c.context_length} tokens per device, {plan.dtype}, {plan.path}{ac}",
         "",
         f"parameters        {_si(plan.params)} ({plan.params:,})",
         f"training tokens   {_si(plan.tokens)}{tokens_note}",
         f"training FLOPs    {plan.flops:.3g} = 6NT {matmul:.3g} + attention {attn:.3g}",
-        "memory per device",
+        f"memory per device at the step's peak ({plan.peak})",
     ]
     for part, size in plan.memory.items():
         lines.append(f"  {part:<22} {size / GB:10.2f} GB")
@@ -336,8 +504,11 @@ def report(plan: Plan, preset: str, tokens_given: bool) -> str:
         f"  {'total':<22} {plan.memory_total / GB:10.2f} GB of {plan.memory_usable / GB:.1f} "
         f"GB usable ({RESERVED:.0%} reserved): {verdict}"
     )
+    others = [f"{name} {sum(parts.values()) / GB:.2f} GB" for name, parts in plan.phases.items()]
+    others.remove(f"{plan.peak} {plan.memory_total / GB:.2f} GB")
+    lines.append(f"  (other moments: {'; '.join(others)})")
     if not plan.fits:
-        hints = []
+        hints = ["training with --compile"] if plan.path == "eager" else []
         if plan.strategy == "ddp":
             hints.append("--strategy fsdp")
         if not plan.activation_checkpointing:
