@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
 
 import pytest
 from serve_helpers import make_model_dir, running_server
+
+from gptkit.batching import Token
+from gptkit.completions import Choice
+from gptkit.tokenizer import GPT2Tokenizer, Tokenizer
 
 CHROMIUM = next(
     (p for p in ("/usr/bin/chromium", shutil.which("chromium") or "") if p and Path(p).exists()),
@@ -54,3 +59,54 @@ def test_playground_streams_tokens_with_alternatives(tmp_path):
         finally:
             browser.close()
     assert (tmp_path / "playground.png").stat().st_size > 1000
+
+
+def completion_stream(tokenizer: Tokenizer, text: str) -> str:
+    """The server's SSE body for a completion generating `text`, one chunk per token, from
+    the server's own `Choice` (held-back bytes, text offsets, per-token strings)."""
+    choice = Choice(0, tokenizer, "", [])
+    chunks = []
+    for token_id in tokenizer.encode(text):
+        choice.add(Token(token_id, -0.5, [(token_id, -0.5)]))
+        chunks.append(choice.delta())
+    choice.finish("length")
+    chunks.append(choice.delta())
+    lines = []
+    for i, (piece, tokens, offsets) in enumerate(chunks):
+        final = "length" if i == len(chunks) - 1 else None
+        logprobs = choice.logprobs(tokens, offsets)
+        chunk = {"text": piece, "index": 0, "logprobs": logprobs, "finish_reason": final}
+        lines.append(f"data: {json.dumps({'choices': [chunk]})}\n\n")
+    return "".join(lines) + "data: [DONE]\n\n"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed")
+def test_playground_shows_characters_split_across_tokens(tmp_path):
+    """Guards the page's text: byte-level BPE splits 日本語 over six tokens, each of which
+    decodes alone to U+FFFD; the page showed six replacement characters instead of the
+    streamed text."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    tokenizer = GPT2Tokenizer()
+    body = completion_stream(tokenizer, "日本語 and —!")
+    assert r"\ufffd" in body  # the tokens' own strings are split characters
+    model_dir = make_model_dir(tmp_path / "tiny")
+    with running_server(model_dir) as url, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.route(
+                "**/v1/completions",
+                lambda route: route.fulfill(
+                    status=200, content_type="text/event-stream", body=body.encode()
+                ),
+            )
+            page.goto(url + "/")
+            page.fill("#prompt", "say: ")
+            page.click("#go")
+            page.wait_for_function("document.getElementById('status').textContent.includes('done')")
+            assert page.locator("#output").inner_text() == "say: 日本語 and —!"
+            spans = page.locator("#output .tok")
+            assert spans.count() == len(tokenizer.encode("日本語 and —!"))
+            assert all("\ufffd" not in s for s in spans.all_inner_texts())
+        finally:
+            browser.close()
