@@ -478,7 +478,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         fn(**args)
     except GptkitError as e:
-        print(f"gptkit: error: {e}", file=sys.stderr)
+        # Under torchrun every process meets the same bad option or missing file: one
+        # line per node (its first process), not one per process.
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            rank = os.environ.get("RANK", "0")
+            print(f"gptkit: error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gptkit: interrupted", file=sys.stderr)

@@ -251,6 +251,11 @@ class TrainConfig:
         False, "recompute each block's activations in backward (less memory, ~1/3 more compute)"
     )
     device: str = _opt("auto", "cpu, cuda, cuda:N, or auto (CUDA when present)")
+    dist_timeout: float = _opt(
+        600.0,
+        "under torchrun: seconds a process waits for the others before the job fails "
+        "(raise it if writing a checkpoint takes longer)",
+    )
     resume: bool = _opt(False, "continue the run in --out from its last checkpoint")
 
     def model_overrides(self) -> dict[str, Any]:

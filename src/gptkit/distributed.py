@@ -26,6 +26,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -56,11 +57,13 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init(device_name: str) -> tuple[DistEnv, torch.device]:
+def init(device_name: str, timeout_s: float = 600.0) -> tuple[DistEnv, torch.device]:
     """Join the process group when torchrun started us; the device this rank trains on.
 
     `device_name` is TrainConfig.device: under torchrun, `auto` and `cuda` mean this rank's
-    own GPU (cuda:LOCAL_RANK); `cpu` forces gloo on CPU.
+    own GPU (cuda:LOCAL_RANK); `cpu` forces gloo on CPU. `timeout_s` bounds how long a
+    collective waits for a process that stalled (gloo's own default is 30 minutes, NCCL's
+    10); the job then fails and can be resumed from its last checkpoint.
     """
     if not launched_by_torchrun():
         return DistEnv(), _single_device(device_name)
@@ -74,10 +77,11 @@ def init(device_name: str) -> tuple[DistEnv, torch.device]:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
-        dist.init_process_group(backend=backend, device_id=_device_id(device))
-    cpu_group = dist.new_group(backend="gloo") if use_cuda else None
+        dist.init_process_group(backend=backend, device_id=_device_id(device), timeout=timeout)
+    cpu_group = dist.new_group(backend="gloo", timeout=timeout) if use_cuda else None
     return DistEnv(rank, world, local_rank, enabled=True, cpu_group=cpu_group), device
 
 

@@ -64,6 +64,8 @@ def check_train_config(cfg: TrainConfig) -> None:
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(cfg, name) < 1:
             raise GptkitError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
+    if not 0 < cfg.dist_timeout < math.inf:
+        raise GptkitError(f"--dist-timeout must be > 0 seconds, got {cfg.dist_timeout}")
     if cfg.max_time is not None and not cfg.max_time > 0:
         raise GptkitError(f"--max-time must be > 0 seconds, got {cfg.max_time}")
     if cfg.dtype not in ("float32", "bfloat16"):

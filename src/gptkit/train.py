@@ -587,7 +587,8 @@ def train_until_stopped(cfg: TrainConfig, progress: bool = True) -> tuple[Path, 
     """`train`, also saying whether a signal stopped it: (run directory, SIGINT or SIGTERM
     or None). `gptkit train` then exits 128 + the signal's number, as a killed process
     would, so that a job scheduler sees the run did not finish."""
-    env, device = distributed.init(cfg.device)
+    check_train_config(cfg)  # before joining: a bad option is not the group's to wait on
+    env, device = distributed.init(cfg.device, cfg.dist_timeout)
     finished = False
     try:
         if cfg.fsdp and not env.enabled:
