@@ -79,7 +79,7 @@ def check_train_config(cfg: TrainConfig) -> None:
 def open_data(cfg: TrainConfig) -> tuple[dict[str, Any], np.ndarray, np.ndarray, dict[str, Any]]:
     """(meta, train tokens, val tokens, tokenizer json) of the prepared directory `cfg.data`."""
     from gptkit.data import load_meta, open_split
-    from gptkit.tokenizer import load_tokenizer
+    from gptkit.tokenizer import tokenizer_from_json
 
     meta = load_meta(cfg.data)
     train_tokens, val_tokens = open_split(cfg.data, "train"), open_split(cfg.data, "val")
@@ -87,7 +87,7 @@ def open_data(cfg: TrainConfig) -> tuple[dict[str, Any], np.ndarray, np.ndarray,
     tokenizer = ckpt.read_json(file, "data tokenizer")
     # The tokens were made by the tokenizer meta.json names; a tokenizer.json replaced since
     # (another `prepare` or `convert` into this directory) would train ids under wrong names.
-    tok = load_tokenizer(file)
+    tok = tokenizer_from_json(tokenizer, file)
     made_with = (meta["tokenizer"], meta["vocab_size"], meta["eot_id"])
     if (tok.kind, tok.vocab_size, tok.eot_id) != made_with:
         raise GptkitError(

@@ -370,12 +370,17 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise GptkitError(f"no tokenizer found at {file}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise GptkitError(f"cannot read tokenizer {file}: {e}") from None
+    return tokenizer_from_json(data, file)
+
+
+def tokenizer_from_json(data: Any, source: str | os.PathLike) -> Tokenizer:
+    """The tokenizer a parsed tokenizer.json describes; `source` names it in errors."""
     try:
         return _from_json(data)
     except GptkitError as e:
-        raise GptkitError(f"tokenizer {file}: {e}") from None
+        raise GptkitError(f"tokenizer {source}: {e}") from None
     except Exception as e:  # KeyError, TypeError, or the plain Exception HF raises
-        raise GptkitError(f"tokenizer {file} is corrupt ({type(e).__name__}: {e})") from None
+        raise GptkitError(f"tokenizer {source} is corrupt ({type(e).__name__}: {e})") from None
 
 
 def _from_json(data: Any) -> Tokenizer:
