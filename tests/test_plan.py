@@ -266,6 +266,10 @@ def test_plan_command(capsys):
                  "fsdp", "--activation-checkpointing"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "3.23e+23" in out and "fits" in out and "GPU-hours" in out
+    for flags, total in (([], "43.60 GB"), (["--eager"], "63.36 GB")):  # the H200's run
+        assert main(["plan", "gpt2", "--gpus", "1", "--micro-batch", "64", *flags]) == 0
+        out = capsys.readouterr().out
+        assert f"total {total}" in " ".join(out.split()) and "(start of backward)" in out
     assert main(["plan", "gpt2", "--gpus", "1", "--gpu", "tpu"]) == 2
     assert "unknown GPU 'tpu'" in capsys.readouterr().err
     assert main(["plan", "gpt2", "--gpus", "1", "--tokens", "lots"]) == 2
