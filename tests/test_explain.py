@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_config
 from test_cli import assert_one_line_error, run_cli
 
 from gptkit.checkpoint import load, save_model
+from gptkit.errors import GptkitError
 from gptkit.explain import (
     explain,
     render_html,
@@ -102,6 +104,69 @@ def test_numbers_are_the_models_own(model_dir: Path) -> None:
         assert f["below_zero"] + f["active"] == pytest.approx(1.0, abs=1e-6)
 
 
+def test_prompt_of_exactly_the_context_length_is_explained(gpt2_dir: Path) -> None:
+    """Guards an off-by-one in the length check: a prompt of context_length tokens fits the
+    model and is explained; one token more is refused with the one-line error."""
+    model, tok = load(gpt2_dir)
+    n = model.config.context_length
+    ex = explain(model, tok, TEXT[:n])
+    assert len(ex.ids) == n and ex.attention[0].shape == (model.config.n_head, n, n)
+    torch.testing.assert_close(ex.logits, model(torch.tensor([ex.ids]))[0, -1])
+    with pytest.raises(GptkitError, match=f"is {n + 1} tokens, longer than .* context of {n}"):
+        explain(model, tok, TEXT[: n + 1])
+
+
+def test_attention_table_is_the_last_tokens_row(model_dir: Path) -> None:
+    """Guards table 4 reading another query's weights (the first token's, one-hot on
+    itself) instead of the last token's, and an entropy that is not -sum(p log p) of them."""
+    model, tok = load(model_dir)
+    ex = explain(model, tok, PROMPT)
+    title, header, rows = tables(ex)[1]
+    column = {name: i for i, name in enumerate(header)}
+    assert len(rows) == model.config.n_layer * model.config.n_head
+    for row in rows:
+        layer, h = int(row[column["layer"]]), int(row[column["head"]])
+        p = ex.attention[layer][h, -1].double()  # (T,) the last query over the keys
+        top = int(p.argmax())
+        assert row[column["most attended"]] == f"{top} {ex.tokens[top]!r}"
+        assert float(row[column["weight"]]) == pytest.approx(p[top].item(), abs=1e-3)
+        entropy = -torch.special.xlogy(p, p).sum().item()  # 0 log 0 = 0 for masked keys
+        assert float(row[column["entropy (nats)"]]) == pytest.approx(entropy, abs=1e-3)
+
+
+def test_ffn_stats_are_of_the_activation_output(model_dir: Path) -> None:
+    """Guards table 6 taken from the wrong tensor (c_fc's output, before the rectifier,
+    has the same signs under GELU and leaky ReLU but another mean): its numbers are those
+    of the activation applied here to c_fc's output, recorded by a hook of the test's own."""
+    model, tok = load(model_dir)
+    ex = explain(model, tok, PROMPT)
+    cfg = model.config
+    pre: dict[int, torch.Tensor] = {}
+
+    def keep(i: int):
+        def hook(module, args, out: torch.Tensor) -> None:
+            pre[i] = out[0].detach().double()  # (T, F)
+
+        return hook
+
+    handles = [block.mlp.c_fc.register_forward_hook(keep(i)) for i, block in enumerate(model.h)]
+    try:
+        model(torch.tensor([ex.ids]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for i, f in enumerate(ex.ffn):
+        if cfg.activation == "gelu":
+            a = F.gelu(pre[i], approximate="tanh")  # GPT-2's "gelu_new"
+        else:
+            assert cfg.activation == "leaky_relu"
+            a = F.leaky_relu(pre[i], cfg.leaky_slope)
+        assert f["below_zero"] == pytest.approx((a < 0).double().mean().item(), abs=1e-6)
+        assert f["active"] == pytest.approx((a > 0).double().mean().item(), abs=1e-6)
+        assert f["mean"] == pytest.approx(a.mean().item(), rel=1e-4, abs=1e-7)
+        assert abs(a.mean() - pre[i].mean()) > 1e-4  # the rectifier moves the mean
+
+
 def test_embedding_table_columns_add_up(model_dir: Path) -> None:
     """Guards table 1-3: its |embedding| is the vector the block input adds (scaled by
     sqrt(d_model) where the model scales it; it showed the unscaled row), |position| the
@@ -123,6 +188,38 @@ def test_embedding_table_columns_add_up(model_dir: Path) -> None:
         assert float(row[column["|sum|"]]) == pytest.approx(
             ex.block_input[t].norm().item(), abs=2e-3
         )
+
+
+def test_next_token_table_is_the_sampling_distribution(model_dir: Path) -> None:
+    """Guards table 8: top_k rows (it showed one fewer), the k most probable tokens in order,
+    the prob column softmax of the last logits (it showed the cumulative), the cumulative
+    their running sum, and * on exactly the tokens sampling keeps: top-k, then top-p on the
+    k survivors renormalised (it marked every top-k row)."""
+    model, tok = load(model_dir)
+    top_k, top_p = 6, 0.4
+    ex = explain(model, tok, PROMPT, top_k=top_k, top_p=top_p)
+    title, header, rows = tables(ex)[-1]
+    column = {name: i for i, name in enumerate(header)}
+    probs = torch.softmax(model(torch.tensor([ex.ids]))[0, -1].double(), dim=-1)  # (V,)
+    best = torch.topk(probs, top_k).indices  # (k,) most probable first
+    assert [int(row[column["id"]]) for row in rows] == best.tolist()
+    # top-p as README states it: a token is kept while the (renormalised) mass of the
+    # tokens ranked above it is still below p
+    survivors = probs[best] / probs[best].sum()
+    kept = (survivors.cumsum(0) - survivors < top_p).tolist()
+    assert 0 < sum(kept) < top_k  # the cut falls inside the table
+    g = torch.Generator().manual_seed(0)
+    logits = ex.logits[None]
+    drawn = {int(sample_next(logits, 1.0, top_k, top_p, generator=g)[0]) for _ in range(200)}
+    assert drawn == {i for i, k in zip(best.tolist(), kept, strict=True) if k}
+    for rank, row in enumerate(rows):
+        i = best[rank]
+        assert row[column["rank"]] == str(rank + 1)
+        assert row[column["token"]] == repr(tok.decode([int(i)]))
+        assert float(row[column["prob"]]) == pytest.approx(probs[i].item(), abs=1e-4)
+        cum = probs[best[: rank + 1]].sum().item()
+        assert float(row[column["cumulative"]]) == pytest.approx(cum, abs=1e-4)
+        assert row[column["top-p"]] == ("*" if kept[rank] else "")
 
 
 def test_top_p_mark_is_the_sampling_filter(model_dir: Path) -> None:
