@@ -26,6 +26,7 @@
 
     .venv/bin/python benchmarks/cpu_inference.py
     .venv/bin/python benchmarks/cpu_inference.py --train-steps 0   # skip the perplexity part
+    .venv/bin/python benchmarks/cpu_inference.py --tiny --text FILE  # a dry run, seconds
 """
 
 from __future__ import annotations
@@ -52,17 +53,38 @@ from gptkit.quantize import quantize_model, weight_bytes_per_token
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 WEIGHTS = ("fp32", "bf16", "int8")
+# The perplexity part's char model and its decode-path windows; --tiny shrinks both.
+PERPLEXITY = {
+    False: dict(n_layer=4, n_head=4, d_model=128, context_length=128, batch_size=16, windows=64),
+    True: dict(n_layer=2, n_head=2, d_model=64, context_length=32, batch_size=4, windows=8),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny models and buffer (a dry run)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per run")
     p.add_argument("--repeats", type=int, default=5, help="rounds (each kind once per round)")
     p.add_argument("--threads", type=int, default=None, help="default: torch's")
-    p.add_argument("--train-steps", type=int, default=300, help="0 skips the perplexity part")
+    p.add_argument(
+        "--train-steps", type=int, default=None,
+        help="default 300 (--tiny: 2); 0 skips the perplexity part",
+    )  # fmt: skip
     p.add_argument("--text", default=str(SHAKESPEARE), help="text for the perplexity part")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.train_steps is None:
+        args.train_steps = 2 if args.tiny else 300
+    return args
+
+
+def model_config(tiny: bool) -> GPTConfig:
+    """The decoded model: `gpt2` (124M), or a tiny gpt2-family model for a dry run."""
+    if tiny:
+        return GPTConfig.from_preset(
+            "gpt2", vocab_size=512, context_length=128, n_layer=2, n_head=2, d_model=64
+        )
+    return GPTConfig.from_preset("gpt2")
 
 
 def read_bandwidth(repeats: int = 5, gib: float = 1.0) -> float:
@@ -101,30 +123,34 @@ def decode_speed(model: GPT, new_tokens: int) -> tuple[float, dict[str, float]]:
     return 1.0 / per_token, phases
 
 
-def perplexities(text: str, steps: int) -> dict[str, Any]:
+def perplexities(text: str, steps: int, tiny: bool = False) -> dict[str, Any]:
     """Train a small char model for `steps` steps; val perplexity with each kind of weights."""
     from gptkit.checkpoint import load_model
     from gptkit.data import open_split, prepare
     from gptkit.train import evaluate_full, train
 
+    size = dict(PERPLEXITY[tiny])
+    windows, T, batch = size.pop("windows"), size["context_length"], size["batch_size"]
     with tempfile.TemporaryDirectory() as tmp:
         data, out = Path(tmp) / "data", Path(tmp) / "run"
         prepare([text], str(data), "char", None, 0.1, "strict", progress=False)
         cfg = TrainConfig(
-            data=str(data), out=str(out), preset="gpt2", n_layer=4, n_head=4, d_model=128,
-            context_length=128, batch_size=16, max_steps=steps, warmup_steps=min(50, steps),
-            lr=2e-3, min_lr=2e-4, eval_every=0, device="cpu",
+            data=str(data), out=str(out), preset="gpt2", **size, max_steps=steps,
+            warmup_steps=min(50, steps), lr=2e-3, min_lr=2e-4, eval_every=0, device="cpu",
         )  # fmt: skip
         start = time.perf_counter()
         train(cfg, progress=False)
         train_s = time.perf_counter() - start
         val = np.asarray(open_split(data, "val"))
         result: dict[str, Any] = {"train_steps": steps, "train_seconds": train_s}
+        result["windows"], result["window_tokens"] = windows, T
         for w in WEIGHTS:
             model = quantize_model(load_model(out), w)
-            result[w] = math.exp(evaluate_full(model, val, 16, 128))
-            result[f"{w}_decode"] = decode_perplexity(model, val)
-            result[f"{w}_decode_kv_bf16"] = decode_perplexity(model, val, kv_dtype=torch.bfloat16)
+            result[w] = math.exp(evaluate_full(model, val, batch, T))
+            result[f"{w}_decode"] = decode_perplexity(model, val, windows, T=T)
+            result[f"{w}_decode_kv_bf16"] = decode_perplexity(
+                model, val, windows, T=T, kv_dtype=torch.bfloat16
+            )
     return result
 
 
@@ -157,16 +183,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     result: dict[str, Any] = {"threads": torch.get_num_threads(), "torch": torch.__version__}
     torch.manual_seed(0)
-    base = GPT(GPTConfig.from_preset("gpt2")).eval()
+    base = GPT(model_config(args.tiny)).eval()
     models = {w: quantize_model(copy.deepcopy(base), w) for w in WEIGHTS}
     del base
     for model in models.values():
         generate(model, torch.zeros(1, 16, dtype=torch.long), 4, temperature=0)  # warm-up
+    gib = 1 / 64 if args.tiny else 1.0  # --tiny: 16 MiB, no longer past the caches
     rounds: dict[str, list[tuple[float, float]]] = {w: [] for w in WEIGHTS}  # (GB/s, tok/s)
     phases: dict[str, list[dict[str, float]]] = {w: [] for w in WEIGHTS}
     for _ in range(args.repeats):
         for w, model in models.items():
-            bandwidth = read_bandwidth(repeats=3) / 1e9
+            bandwidth = read_bandwidth(repeats=3, gib=gib) / 1e9
             speed, spent = decode_speed(model, args.new_tokens)
             rounds[w].append((bandwidth, speed))
             phases[w].append(spent)
@@ -213,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
     del models
     if args.train_steps:
-        ppl = perplexities(args.text, args.train_steps)
+        ppl = perplexities(args.text, args.train_steps, args.tiny)
         result["perplexity"] = ppl
         print(
             f"val perplexity after {args.train_steps} steps ({ppl['train_seconds']:.0f} s): "
@@ -221,7 +248,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             + f"; int8/fp32 - 1 = {ppl['int8'] / ppl['fp32'] - 1:+.3%}"
         )
         print(
-            "decode-path perplexity (64 x 128 characters, one step at a time): "
+            f"decode-path perplexity ({ppl['windows']} x {ppl['window_tokens']} characters, "
+            "one step at a time): "
             + ", ".join(f"{w} {ppl[w + '_decode']:.4f}" for w in WEIGHTS)
             + f"; int8/fp32 - 1 = {ppl['int8_decode'] / ppl['fp32_decode'] - 1:+.3%}"
         )

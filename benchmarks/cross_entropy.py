@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="small logits on CPU (a dry run)")
     p.add_argument("--rows", type=int, default=None, help="default 65,536 (64 x 1024)")
-    p.add_argument("--vocab", type=int, default=50257)
+    p.add_argument("--vocab", type=int, default=None, help="default 50,257 (--tiny: 5,000)")
     p.add_argument("--multiple", type=int, default=64, help="pad the columns to this")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON here")
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     rows = args.rows or (64 if args.tiny else 64 * 1024)
-    vocab = 5000 if args.tiny else args.vocab
+    vocab = args.vocab if args.vocab is not None else (5000 if args.tiny else 50257)
     width = vocab + -vocab % args.multiple
     rounds = args.rounds or (2 if args.tiny else 5)
     repeats = 1 if args.tiny else 10

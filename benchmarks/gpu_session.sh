@@ -47,10 +47,11 @@ if [[ $PART == *1* ]]; then
     fi
 fi
 if [[ $PART == *2* ]]; then
-    LOSS=(--loss-kernel triton)
-    if [ -n "${TINY:-}" ]; then LOSS=(); fi
+    # The file name says which loss ran: the TINY dry run keeps inductor's (no GPU, no Triton).
+    LOSS=(--loss-kernel triton) LOSS_NAME=_triton
+    if [ -n "${TINY:-}" ]; then LOSS=() LOSS_NAME=; fi
     run "$PY" benchmarks/gpu_train.py "${ARGS[@]}" "${LOSS[@]}" --coordinate-descent \
-        --decode-batches "" --json "$OUT/train_pad64_triton_cdt.json"
+        --decode-batches "" --json "$OUT/train_pad64${LOSS_NAME}_cdt.json"
     run "$PY" benchmarks/gpu_train.py "${ARGS[@]}" --vocab-multiple 1 --decode-batches "" \
         --json "$OUT/train_pad1.json"
 fi

@@ -8,6 +8,7 @@ seeded completion in both modes, so both sides generate the very same tokens. Re
 aggregate tokens/s and p50 / p99 time to first token (TTFT).
 
     python benchmarks/serve_bench.py [--max-tokens 64] [--clients 1 8 32]
+    python benchmarks/serve_bench.py --clients 1 2 --max-tokens 4 --n-layer 1 --d-model 64
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import torch
@@ -146,10 +148,20 @@ def step_cpu_ms(
     Thread CPU time hardly moves when other processes share the cores, unlike wall time.
     `native=False` keeps the steps on the eager blocks (`GPT.native_decode`), for comparison.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _step_cpu_ms(model_dir, batch_sizes, native, steps)
+    finally:
+        torch.set_num_threads(threads)  # the caller's thread count, as it was
+
+
+def _step_cpu_ms(
+    model_dir: Path, batch_sizes: list[int], native: bool, steps: int
+) -> dict[int, float]:
     from gptkit.batching import SamplingParams, Scheduler, Sequence
     from gptkit.checkpoint import load
 
-    torch.set_num_threads(1)
     model, tok = load(model_dir)
     model.native_decode = native
     prompt = tok.encode(PROMPT)
@@ -170,7 +182,9 @@ def step_cpu_ms(
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Prints the tables; returns {"steps": {path: {B: ms}}, "load": {(mode, clients): load's
+    dict}, "speedup": {clients: batched / unbatched tokens/s}} (no "load" with --steps-only)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -178,20 +192,22 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--steps-only", action="store_true", help="only the in-process step CPU times")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     rows = []
+    result: dict[str, Any] = {"steps": {}}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "bench-model"
         make_model(model_dir, args.n_layer, args.d_model, args.context)
         for native in (True, False):
             path = "native" if native else "eager blocks"
-            for B, ms in step_cpu_ms(model_dir, args.clients, native).items():
+            result["steps"][path] = step_cpu_ms(model_dir, args.clients, native)
+            for B, ms in result["steps"][path].items():
                 print(
                     f"decode step ({path}), batch {B:>3}: {ms:6.2f} ms CPU "
                     f"= {ms / B:5.2f} ms CPU per token"
                 )
         if args.steps_only:
-            return
+            return result
         for label, max_batch in [("batched (max-batch 32)", 32), ("unbatched (max-batch 1)", 1)]:
             proc, url = start_server(model_dir, max_batch)
             try:
@@ -209,10 +225,13 @@ def main() -> None:
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
-    by = {(label.split()[0], n): r for label, n, r in rows}
+    result["load"] = by = {(label.split()[0], n): r for label, n, r in rows}
+    result["speedup"] = {}
     for n in args.clients:
         speedup = by[("batched", n)]["tok_per_s"] / by[("unbatched", n)]["tok_per_s"]
+        result["speedup"][n] = speedup
         print(f"clients {n:>3}: batched / unbatched throughput = {speedup:.2f}x")
+    return result
 
 
 if __name__ == "__main__":

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import itertools
 import json
+import math
+import os
 import re
+import statistics
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -49,22 +57,31 @@ def test_gpu_train_runs_tiny_on_cpu(tmp_path, capsys):
     assert "MFU" in capsys.readouterr().out
 
 
-def test_cross_entropy_benchmark_runs_tiny(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("extra", "vocab", "width"),
+    [([], 5000, 5056), (["--vocab", "1000", "--multiple", "128"], 1000, 1024)],
+)
+def test_cross_entropy_benchmark_runs_tiny(tmp_path, capsys, extra, vocab, width):
     """Guards benchmarks/cross_entropy.py (the loss alone, inductor's against the Triton
     kernels', which on this CPU run in Triton's interpreter): every way computes the loss
-    and gradient of the fp32 reference and leaves the padding's gradient zero."""
+    and gradient of the fp32 reference and leaves the padding's gradient zero; --vocab
+    applies with --tiny too (it was once ignored there)."""
     pytest.importorskip("triton")
     cross_entropy = load_script("cross_entropy")
     out = tmp_path / "ce.json"
-    result = cross_entropy.main(["--tiny", "--rows", "16", "--rounds", "1", "--json", str(out)])
+    args = ["--tiny", "--rows", "16", "--rounds", "1", *extra, "--json", str(out)]
+    result = cross_entropy.main(args)
     ways = result["ways"]
     assert len(ways) == 1 + len(cross_entropy.CONFIGS) and "inductor" in ways
-    assert result["width"] == 5056 and result["vocab"] == 5000
+    assert result["width"] == width and result["vocab"] == vocab
     for way in ways.values():
         assert way["loss_error"] < 1e-4 and way["grad_max_error"] < 1e-3
         assert way["padding_grad_zero"] and way["median_ms"] > 0
+        # the bytes the least loss moves: the bf16 logits read twice, the gradient written once
+        assert way["gb_per_s"] == pytest.approx(3 * 16 * width * 2 / way["median_ms"] / 1e6)
     assert json.loads(out.read_text())["ways"].keys() == ways.keys()
-    assert "triton block 4096 warps 8" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "triton block 4096 warps 8" in printed and f"vocab {vocab}" in printed
 
 
 def test_gpu_train_names_the_losss_kernels():
@@ -211,3 +228,151 @@ def test_ablation_trains_a_variant_tiny(tmp_path):
     losses = [loss for _, loss in result["curve"]]
     assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
     assert 0 < result["val_loss"] < 10
+
+
+def fake_clock(monkeypatch, module, ticks) -> None:
+    """Makes `module.time.perf_counter()` return the next of `ticks` (that module only)."""
+    ticks = iter(ticks)
+    monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+
+
+def test_cpu_inference_bandwidth_is_the_bytes_of_one_read_over_the_fastest(monkeypatch):
+    """Guards cpu_inference.read_bandwidth, the ceiling's denominator (a doubled figure
+    once went unnoticed): one `sum` reads the tensor's bytes once, so bandwidth = bytes /
+    the fastest of the timed sums, here on a clock the test controls."""
+    cpu_inference = load_script("cpu_inference")
+    fake_clock(monkeypatch, cpu_inference, [0.0, 3.0, 10.0, 11.0, 20.0, 22.0])  # 3, 1, 2 s
+    gib = 1 / 256
+    assert cpu_inference.read_bandwidth(repeats=3, gib=gib) == pytest.approx(gib * 2**30 / 1.0)
+
+
+def test_cpu_inference_decode_speed_counts_the_steps_after_the_first_token(monkeypatch):
+    """Guards cpu_inference.decode_speed: n new tokens are timed over the n steps after
+    the first (prefill left out), and the phases add up to the time of a token."""
+    from gptkit import kernels
+    from gptkit.model import GPT
+
+    cpu_inference = load_script("cpu_inference")
+    fake_clock(monkeypatch, cpu_inference, itertools.count(0.0, 0.5))  # a token per 0.5 s
+    model = GPT(cpu_inference.model_config(True)).eval()
+    speed, phases = cpu_inference.decode_speed(model, 5)
+    assert speed == pytest.approx(2.0)
+    if kernels.library() is not None:  # else every phase is 0
+        assert sum(phases.values()) == pytest.approx(0.5)
+        assert all(phases[p] > 0 for p in ("products", "attention", "around"))
+
+
+def test_cpu_inference_runs_tiny(tmp_path, capsys):
+    """Guards benchmarks/cpu_inference.py end to end (a crash after the decode table once
+    went unnoticed): its figures follow from the rounds it records, the ceiling being
+    bandwidth / weight bytes per token, and the perplexity part runs every kind."""
+    from gptkit import kernels
+    from gptkit.model import GPT
+    from gptkit.quantize import quantize_model, weight_bytes_per_token
+
+    cpu_inference = load_script("cpu_inference")
+    text = tmp_path / "corpus.txt"  # val (10%) must hold the tiny run's 8 windows of 33
+    text.write_text("To be, or not to be, that is the question.\n" * 100)
+    out = tmp_path / "cpu.json"
+    args = ["--tiny", "--repeats", "2", "--new-tokens", "4", "--text", str(text)]
+    result = cpu_inference.main([*args, "--json", str(out)])
+    weights = cpu_inference.WEIGHTS
+    rounds = {w: result[w]["rounds_gb_s_tok_s"] for w in weights}
+    assert result["read_bandwidth_gb_s"] == pytest.approx(
+        statistics.median(gb for w in weights for gb, _ in rounds[w])
+    )
+    native = kernels.library() is not None
+    base = GPT(cpu_inference.model_config(True))
+    for w in weights:
+        r = result[w]
+        assert len(rounds[w]) == 2 and all(gb > 0 and tps > 0 for gb, tps in rounds[w])
+        assert r["bytes_per_token"] == weight_bytes_per_token(
+            quantize_model(copy.deepcopy(base), w)
+        )
+        assert r["tokens_per_s"] == pytest.approx(statistics.median(t for _, t in rounds[w]))
+        ceilings = [gb * 1e9 / r["bytes_per_token"] for gb, _ in rounds[w]]  # tokens/s
+        assert r["of_ceiling"] == pytest.approx(
+            statistics.median(tps / c for (_, tps), c in zip(rounds[w], ceilings, strict=True))
+        )
+        if native:
+            ms = r["ms_per_token"]["products"]
+            assert ms > 0 and r["products_gb_s"] == pytest.approx(r["bytes_per_token"] / ms / 1e6)
+    assert result["fp32"]["bytes_per_token"] > result["bf16"]["bytes_per_token"]
+    assert result["bf16"]["bytes_per_token"] > result["int8"]["bytes_per_token"]
+    ppl = result["perplexity"]
+    assert (ppl["windows"], ppl["window_tokens"]) == (8, 32)
+    for w in weights:
+        for kind in ("", "_decode", "_decode_kv_bf16"):
+            assert 1 < ppl[w + kind] < 100 and math.isfinite(ppl[w + kind])
+        assert ppl[w] == pytest.approx(ppl["fp32"], rel=0.02)
+        assert ppl[w + "_decode_kv_bf16"] == pytest.approx(ppl[w + "_decode"], rel=0.02)
+    assert (
+        json.loads(out.read_text())["int8"]["bytes_per_token"] == result["int8"]["bytes_per_token"]
+    )
+    printed = capsys.readouterr().out
+    assert "decode-path perplexity (8 x 32 characters" in printed
+    assert ("ms per token:" in printed) == native
+
+
+def test_decode_benchmark_runs_tiny_and_counts_each_sides_tokens(monkeypatch, tmp_path):
+    """Guards benchmarks/decode.py against Hugging Face: both sides decode every case, count
+    the new tokens they return (HF once made half as many unnoticed), and in float32 make
+    the same tokens. On a clock the test controls, every run takes 0.5 s."""
+    pytest.importorskip("transformers")
+    decode = load_script("decode")
+    fake_clock(monkeypatch, decode, itertools.count(0.0, 0.5))
+    out = tmp_path / "decode.json"
+    args = ["--tiny", "--repeats", "2", "--new-tokens", "5", "--batch-sizes", "1,3"]
+    results = decode.main([*args, "--json", str(out)])
+    cases = [(r["batch"], r["dtype"]) for r in results]
+    assert cases == [(1, "float32"), (3, "float32"), (1, "bfloat16"), (3, "bfloat16")]
+    for r in results:
+        expected = [r["batch"] * 5 / 0.5] * 2  # every row's 5 new tokens, in each of 2 runs
+        assert r["ours_tok_s"] == pytest.approx(expected)
+        assert r["hf_tok_s"] == pytest.approx(expected)
+        if r["dtype"] == "float32":
+            assert r["same_tokens"]
+    assert json.loads(out.read_text())["meta"]["new_tokens"] == 5
+
+
+def test_serve_bench_runs_tiny():
+    """Guards benchmarks/serve_bench.py end to end (two servers, streaming clients): every
+    client gets its max_tokens, the throughput and TTFT figures follow from them, and the
+    in-process step timing leaves the caller's torch thread count as it was."""
+    import torch
+
+    serve_bench = load_script("serve_bench")
+    threads = torch.get_num_threads()
+    args = ["--clients", "1", "3", "--n-layer", "1", "--d-model", "64", "--context", "64"]
+    result = serve_bench.main([*args, "--max-tokens", "4"])
+    assert torch.get_num_threads() == threads
+    for path in ("native", "eager blocks"):
+        assert set(result["steps"][path]) == {1, 3}
+        assert all(ms > 0 for ms in result["steps"][path].values())
+    assert set(result["load"]) == {(m, n) for m in ("batched", "unbatched") for n in (1, 3)}
+    for (_, n), r in result["load"].items():
+        assert r["tokens"] == 4 * n  # 1 character = 1 token; end-of-text made improbable
+        assert r["tok_per_s"] == pytest.approx(r["tokens"] / r["wall_s"])
+        assert 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"] <= 1000 * r["wall_s"]
+        assert r["server_cpu_ms_per_token"] >= 0
+    load = result["load"]
+    for n in (1, 3):
+        ratio = load[("batched", n)]["tok_per_s"] / load[("unbatched", n)]["tok_per_s"]
+        assert result["speedup"][n] == pytest.approx(ratio)
+
+
+@pytest.mark.slow
+def test_gpu_session_tiny_names_each_file_for_what_ran(tmp_path):
+    """Guards benchmarks/gpu_session.sh's TINY dry run (part 2): each JSON file's name says
+    which loss kernel, vocabulary multiple and tuning its run used (one named `_triton_`
+    once held a run without Triton)."""
+    script = BENCHMARKS / "gpu_session.sh"
+    env = {**os.environ, "TINY": "1", "PART": "2", "OUT": str(tmp_path), "PY": sys.executable}
+    run = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ran = {p.name: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
+    assert set(ran) == {"train_pad64_cdt.json", "train_pad1.json"}
+    for name, r in ran.items():
+        assert ("_triton" in name) == (r["loss_kernel"] == "triton")
+        assert ("_cdt" in name) == r["coordinate_descent"]
+        assert f"_pad{r['vocab_multiple']}" in name
