@@ -51,6 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def cache_bytes(cache: KVCache) -> int:
+    """Bytes the cache's keys and values take (all positions it holds, every layer)."""
+    return sum(t.nbytes for t in (cache.k, cache.v, cache.ring_k, cache.ring_v))
+
+
 def decode_round(model: GPT, cache: KVCache, ids: torch.Tensor, start: int) -> tuple[float, float]:
     """(ms per token, ms of attention per token) of decoding ids (1, N) from position
     `start` of a cache already filled that far."""
@@ -101,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "ms_per_token": statistics.median(t for t, _ in times[w, kv]),
                     "attention_ms": statistics.median(a for _, a in times[w, kv]),
                     "rounds": times[w, kv],
+                    "cache_bytes": cache_bytes(caches[w, kv]),
                 }
             speedup = row["fp32"]["ms_per_token"] / row["bf16"]["ms_per_token"]
             result[f"{w}@{position}"] = row | {"bf16_speedup": speedup}

@@ -5,7 +5,8 @@ few rows they stream the weights like a decode step, at hundreds they are comput
 For the `gpt2` preset (124M, random weights) and each of `--lengths`, a random prompt is
 run through `GPT.next_logits` with a fresh KV cache (what `generate` does before its first
 token) with each kind of weights; the kinds take turns, `--repeats` rounds; the table shows
-the median milliseconds and each kind's time over fp32's.
+the median milliseconds and each kind's time over fp32's (the JSON also holds each kind's
+weight bytes per token).
 
     .venv/bin/python benchmarks/prefill.py
     .venv/bin/python benchmarks/prefill.py --lengths 16,512 --repeats 3
@@ -24,7 +25,7 @@ import torch
 from gptkit.config import GPTConfig
 from gptkit.fileio import atomic_write_json
 from gptkit.model import GPT, KVCache
-from gptkit.quantize import quantize_model
+from gptkit.quantize import quantize_model, weight_bytes_per_token
 
 WEIGHTS = ("fp32", "bf16", "int8")
 
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     models = {w: quantize_model(copy.deepcopy(base), w) for w in WEIGHTS}
     del base
     result: dict[str, Any] = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    result["bytes_per_token"] = {w: weight_bytes_per_token(m) for w, m in models.items()}
     print(f"{'tokens':>6} " + " ".join(f"{w + ' ms':>9} {'x fp32':>7}" for w in WEIGHTS))
     for T in args.lengths:
         ids = torch.randint(0, models["fp32"].config.vocab_size, (1, T))

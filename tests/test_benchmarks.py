@@ -92,11 +92,21 @@ def test_gpu_train_names_the_losss_kernels():
     assert kind("triton_per_fused_native_layer_norm_3") == "inductor"
 
 
-def test_gpu_peaks_are_known_for_h100_and_h200():
-    """Guards the peak lookup the MFU figure divides by."""
+def test_gpu_peaks_are_known_for_h100_and_h200(monkeypatch):
+    """Guards the peak lookup the MFU figure divides by: gpu_train.peak_tflops maps the name
+    CUDA reports (here the test's) to the table's dense bf16 peak (ignoring the table
+    leaves MFU "n/a" on every card); --peak-tflops overrides it; an unknown card has none."""
+    import torch
+
     gpu_train = load_script("gpu_train")
     assert gpu_train.gpu_of_device("NVIDIA H100 80GB HBM3").bf16_tflops == pytest.approx(989.4)
     assert gpu_train.gpu_of_device("NVIDIA H200").bf16_tflops == pytest.approx(989.4)
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    cards = [("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA A100-SXM4-40GB", 312.0)]
+    for name, peak in [*cards, ("NVIDIA GeForce RTX 4090", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert gpu_train.peak_tflops(cuda, None) == (name, peak)
+        assert gpu_train.peak_tflops(cuda, 500.0) == (name, 500.0)
 
 
 def test_sampling_benchmark_compares_like_with_like(capsys):
@@ -171,7 +181,8 @@ def test_products_floor_runs_exactly_the_plain_steps_products():
 
 def test_kv_cache_benchmark_runs_tiny(tmp_path, capsys):
     """Guards benchmarks/kv_cache.py: each (weights, cache) pair decodes from every position,
-    on the cache dtype it names, and the table reports each."""
+    on the cache dtype it names (a "bf16" cache left in fp32 would time fp32 twice: its
+    bytes must be half the fp32 one's), and the table reports each."""
     kv_cache = load_script("kv_cache")
     out = tmp_path / "kv.json"
     args = ["--preset", "seed-tiny", "--positions", "8,20", "--new-tokens", "3"]
@@ -182,12 +193,22 @@ def test_kv_cache_benchmark_runs_tiny(tmp_path, capsys):
         assert row["bf16_speedup"] == pytest.approx(
             row["fp32"]["ms_per_token"] / row["bf16"]["ms_per_token"]
         )
+        # keys and values of every layer at position + 3 positions, 4 bytes each in fp32
+        cfg, positions = GPTConfig.from_preset("seed-tiny"), int(key.split("@")[1]) + 3
+        fp32_bytes = 2 * cfg.n_layer * positions * cfg.d_model * 4
+        assert row["fp32"]["cache_bytes"] == fp32_bytes
+        assert row["bf16"]["cache_bytes"] == fp32_bytes // 2
     assert set(json.loads(out.read_text())) >= {"fp32@8", "int8@20"}
     assert len(re.findall(r"\d\.\d\dx$", capsys.readouterr().out, re.MULTILINE)) == 4
 
 
 def test_prefill_benchmark_runs_tiny(tmp_path):
-    """Guards benchmarks/prefill.py: every kind of weights runs every prompt length."""
+    """Guards benchmarks/prefill.py: every kind of weights runs every prompt length, each
+    kind's model in its own weight format (all three once fp32 would compare fp32 with
+    itself): the bytes per token it reports are gptkit.quantize's for that kind."""
+    from gptkit.model import GPT
+    from gptkit.quantize import quantize_model, weight_bytes_per_token
+
     prefill = load_script("prefill")
     out = tmp_path / "prefill.json"
     result = prefill.main(
@@ -197,6 +218,11 @@ def test_prefill_benchmark_runs_tiny(tmp_path):
         assert set(result[T]["ms"]) == {"fp32", "bf16", "int8"}
         assert all(ms > 0 for ms in result[T]["ms"].values())
     assert set(json.loads(out.read_text())) >= {"4", "60"}
+    base = GPT(GPTConfig.from_preset("seed-tiny"))
+    reported = result["bytes_per_token"]
+    for w in prefill.WEIGHTS:
+        assert reported[w] == weight_bytes_per_token(quantize_model(copy.deepcopy(base), w))
+    assert reported["fp32"] > reported["bf16"] > reported["int8"]
 
 
 @pytest.mark.slow
@@ -230,10 +256,101 @@ def test_ablation_trains_a_variant_tiny(tmp_path):
     assert 0 < result["val_loss"] < 10
 
 
-def fake_clock(monkeypatch, module, ticks) -> None:
-    """Makes `module.time.perf_counter()` return the next of `ticks` (that module only)."""
+def fake_clock(monkeypatch, module, ticks, events: list[str] | None = None) -> None:
+    """Makes `module.time.perf_counter()` return the next of `ticks` (that module only),
+    appending "clock" to `events` at each read when given."""
     ticks = iter(ticks)
-    monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+
+    def perf_counter() -> float:
+        if events is not None:
+            events.append("clock")
+        return next(ticks)
+
+    monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=perf_counter))
+
+
+def test_gpu_train_fill_batch_takes_the_largest_power_of_two_that_fits(monkeypatch):
+    """Guards gpu_train.fill_batch, CUDA only, so a wrong call of gptkit.plan there would
+    crash or misjudge the batch only on the GPU: the micro-batch is the largest power of
+    two <= 64 whose planned memory (one card, ddp, bf16) fits 80% of the card, and 1 when
+    none does. The card's size is the test's; nothing runs on it."""
+    import torch
+
+    from gptkit.plan import memory_per_device
+
+    gpu_train = load_script("gpu_train")
+    config = gpu_train.model_config(False)
+
+    def card(bytes_: float) -> float:  # the card whose 80% is `bytes_`
+        return bytes_ / 0.8
+
+    def need(batch: int) -> float:
+        return sum(memory_per_device(config, 1, "ddp", batch, "bfloat16", False).values())
+
+    sizes = {
+        1: [card(need(1)) / 2, card(need(2)) * 0.999],
+        8: [card(need(8)) * 1.001, card(need(16)) * 0.999],
+        64: [card(need(64)) * 1.001, 1e15],
+    }
+    for batch, totals in sizes.items():
+        for total in totals:
+            props = SimpleNamespace(total_memory=total)
+            monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, p=props: p)
+            assert gpu_train.fill_batch(config, torch.device("cuda")) == batch, total
+    assert gpu_train.fill_batch(config, torch.device("cpu")) == 4
+
+
+def test_gpu_train_matmul_rate_counts_two_flops_per_multiply_add(monkeypatch):
+    """Guards gpu_train.matmul_tflops, the measured ceiling MFU is set beside (a halved
+    FLOP count would double the reported fraction of it): an n x n x n product is 2 n^3
+    FLOPs, so the rate is 2 n^3 x repeats / the timed seconds, on a clock the test controls."""
+    import torch
+
+    gpu_train = load_script("gpu_train")
+    fake_clock(monkeypatch, gpu_train, [1.0, 3.0])  # the timed products take 2 s
+    rate = gpu_train.matmul_tflops(torch.device("cpu"), n=16, repeats=5)
+    assert rate == pytest.approx(2 * 16**3 * 5 / 2.0 / 1e12)
+
+
+def test_gpu_train_tokens_per_s_leave_the_warm_up_out(monkeypatch):
+    """Guards gpu_train.bench_training: tokens/s (and so TFLOP/s and MFU) divide the timed
+    steps' tokens by the timed steps' time only, not by the warm-up's too (on a GPU the
+    warm-up compiles, minutes); the warm-up is reported apart. On a clock the test
+    controls the warm-up takes 10 s and the 2 timed steps 4 s."""
+    import torch
+
+    from gptkit.model import GPT
+
+    gpu_train = load_script("gpu_train")
+    fake_clock(monkeypatch, gpu_train, [0.0, 10.0, 11.0, 15.0])
+    torch.manual_seed(0)
+    model = GPT(gpu_train.model_config(True))
+    T = model.config.context_length
+    train = gpu_train.bench_training(model, 2, 2, 1, False, torch.device("cpu"))
+    assert train["warmup_seconds"] == 10.0
+    assert train["step_ms"] == pytest.approx(2000.0)
+    assert train["tokens_per_s"] == pytest.approx(2 * T * 2 / 4.0)
+
+
+def test_gpu_train_decode_speed_counts_every_row_after_syncing(monkeypatch):
+    """Guards gpu_train.bench_decode: tokens/s count the new tokens of all `batch` rows, not
+    of one, and the device is synchronised before each clock read (without it a CUDA clock
+    stops while kernels still run). The clock and `sync` are the test's: each records its
+    calls, and the timed decoding takes 0.5 s."""
+    import torch
+
+    from gptkit.model import GPT
+
+    gpu_train = load_script("gpu_train")
+    events: list[str] = []
+    fake_clock(monkeypatch, gpu_train, [2.0, 2.5], events)
+    monkeypatch.setattr(gpu_train, "sync", lambda device: events.append("sync"))
+    torch.manual_seed(0)
+    model = GPT(gpu_train.model_config(True)).eval()
+    speed, out = gpu_train.bench_decode(model, 3, 4, torch.device("cpu"))
+    assert out.shape == (3, 16 + 4)
+    assert speed == pytest.approx(3 * 4 / 0.5)
+    assert events == ["sync", "clock", "sync", "clock"]
 
 
 def test_cpu_inference_bandwidth_is_the_bytes_of_one_read_over_the_fastest(monkeypatch):
