@@ -254,12 +254,15 @@ def memory_phases(
         held["gradients (fp32, DDP)"] = grad_bytes
         grad_bytes = 0.0
     copies = block_copies = 0.0
+    # FSDP on a GPU gathers the weights in the compute dtype, and those are the compute
+    # copies; on a CPU (gloo has no bf16 path) it gathers fp32 and autocast copies them.
+    gathered_in_bf16 = strategy == "fsdp" and path != "cpu"
     if strategy == "fsdp":
-        # Gathered weights (compute dtype) and unreduced fp32 gradients of the units in
-        # flight: the root (embeddings, head, final norm) and two blocks, the current and
-        # the prefetched one. The gathered weights are the compute copies.
-        held["gathered units (FSDP)"] = (n - L * block + 2 * block) * (a + 4)
-    elif dtype == "bfloat16":
+        # Gathered weights and unreduced fp32 gradients of the units in flight: the root
+        # (embeddings, head, final norm) and two blocks, the current and the prefetched one.
+        gathered = a if gathered_in_bf16 else 4
+        held["gathered units (FSDP)"] = (n - L * block + 2 * block) * (gathered + 4)
+    if dtype == "bfloat16" and not gathered_in_bf16:
         # Autocast's bf16 copies of the weights, saved by each product until its backward.
         copies, block_copies = 2.0 * matmul_params(config), 2.0 * block
     act = activation_bytes(config, micro_batch, dtype, checkpointing, path)
