@@ -20,12 +20,13 @@ gradients 4 B, held from backward to the optimizer step (`zero_grad` frees them)
 DDP on several devices, throughout in its all-reduce buckets. FSDP divides weights,
 gradients and moments by the number of devices and adds the gathered parameters and
 gradients of the units in flight (the root: embeddings, head, final norm; plus two blocks:
-the current and the prefetched one); otherwise bf16 autocast adds a bf16 copy of each
-weight (2 B), saved by its product until backward. Activations are what autograd saves
-for backward in gptkit's model, counted op by op: per layer and token, the ln inputs 2 d
-in fp32, then in the compute dtype the ln outputs 2 d, q, k, v 3 d, the attention output
-d (fused attention keeps nothing of size T x T, except a banded layer's T x T mask), the
-MLP hidden 2 x 4d (GELU) or 4d (ReLU); the head keeps its logits for the loss.
+the current and the prefetched one). bf16 autocast adds a bf16 copy of each weight
+(2 B), saved by its product until backward, except under FSDP on a GPU, which gathers
+the weights in bf16. Activations are what autograd saves for backward in gptkit's
+model, counted op by op: per layer and token, the ln inputs 2 d in fp32, then in the
+compute dtype the ln outputs 2 d, q, k, v 3 d, the attention output d (fused attention
+keeps nothing of size T x T, except a banded layer's T x T mask), the MLP hidden 2 x 4d
+(GELU) or 4d (ReLU); the head keeps its logits for the loss.
 
 A step peaks at one of a few moments, so each is counted and the largest is the estimate:
 the start of backward (every activation, plus the logits' gradient), the top block's
